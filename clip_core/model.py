@@ -1,0 +1,211 @@
+"""CLIP, readable top to bottom: a ViT image tower, a causal text tower, two projections.
+
+Parameter names are OpenAI's (``visual.conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``,
+``text_projection``, ...), so OpenAI and open_clip state dicts load without renaming, and Hugging
+Face checkpoints map through the one key table in ``checkpoints.py``.
+
+Shapes: B batch, L tokens, W width, D embed_dim, R resolution, P patch size, G = R // P.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPConfig
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (fp16/bf16 safe), as OpenAI does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class MultiheadAttention(nn.Module):
+    """Self-attention with nn.MultiheadAttention's parameter layout, computed by SDPA.
+
+    Keeping ``in_proj_weight`` [3W, W] and ``out_proj`` means OpenAI weights load as they are,
+    while ``scaled_dot_product_attention`` picks the fused kernel for the device.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
+        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, L, W/H]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, W/H]
+        y = y.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.act = make_activation(activation)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, eps: float):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, eps: float):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_ratio, activation, eps) for _ in range(layers)]
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        v = cfg.vision
+        self.image_size = v.image_size
+        scale = v.width**-0.5
+        self.conv1 = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(v.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(v.grid_size**2 + 1, v.width))
+        self.ln_pre = LayerNorm(v.width, eps=cfg.layer_norm_eps)
+        self.transformer = Transformer(v.width, v.layers, v.heads, v.mlp_ratio, cfg.activation, cfg.layer_norm_eps)
+        self.ln_post = LayerNorm(v.width, eps=cfg.layer_norm_eps)
+        self.proj = nn.Parameter(scale * torch.randn(v.width, cfg.embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # [B, W, G, G]
+        x = x.flatten(2).transpose(1, 2)  # [B, G*G, W]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
+        x = torch.cat([cls, x], dim=1)  # [B, G*G+1, W]
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        x = self.transformer(x)  # [B, G*G+1, W]
+        x = self.ln_post(x[:, 0, :])  # [B, W] the class token
+        return x @ self.proj  # [B, D]
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        t = cfg.text
+        self.context_length = t.context_length
+        self.eot_token_id = t.eot_token_id
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, cfg.activation, cfg.layer_norm_eps)
+        self.ln_final = LayerNorm(t.width, eps=cfg.layer_norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """OpenAI's initialisation, so a fresh model trains as theirs did."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            width, layers = tower.width, tower.layers
+            proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
+            attn_std = width**-0.5
+            fc_std = (2 * width) ** -0.5
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.zeros_(block.attn.in_proj_bias)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] normalized pixels -> [B, D] image features (not L2-normalized)."""
+        return self.visual(image.to(self.dtype))
+
+    def eot_positions(self, text: torch.Tensor) -> torch.Tensor:
+        """Index of the first EOT token per row; rows without one fall back to OpenAI's argmax."""
+        is_eot = text == self.eot_token_id  # [B, L]
+        first_eot = is_eot.int().argmax(dim=-1)  # [B]
+        return torch.where(is_eot.any(dim=-1), first_eot, text.argmax(dim=-1))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids (L <= context_length) -> [B, D] text features (not L2-normalized).
+
+        The mask is causal, so tokens after EOT never influence the EOT feature: a batch may be
+        trimmed to its longest sequence and give exactly the same result.
+        """
+        L = text.shape[1]
+        x = self.token_embedding(text).to(self.dtype)  # [B, L, W]
+        x = x + self.positional_embedding[:L].to(self.dtype)
+        x = self.transformer(x, causal=True)  # [B, L, W]
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(text)]  # [B, W]
+        return x @ self.text_projection  # [B, D]
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled cosine similarities, as OpenAI's: (logits_per_image [Bi, Bt], logits_per_text [Bt, Bi])."""
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def create_model(name_or_config: str | CLIPConfig) -> CLIP:
+    """A CLIP with fresh (OpenAI-initialised) weights from a preset name or a config."""
+    from .config import get_model_config
+
+    cfg = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return CLIP(cfg)

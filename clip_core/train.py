@@ -1,0 +1,346 @@
+"""Contrastive training of a CLIP on (image, caption) pairs, as OpenAI and open_clip train theirs.
+
+Used to train the bundled demo model and available to users who want to fit or fine-tune a model
+on their own pairs. The recipe is the standard one, so results carry over:
+
+- symmetric InfoNCE: cross-entropy image->text and text->image over the batch, with
+  ``logits = logit_scale.exp() * normalize(image) @ normalize(text).T``;
+- a learnable temperature clamped to ``ln(100)`` after every step (larger scales destabilise);
+- AdamW without weight decay on gains, biases, embeddings and the logit scale (decaying those only
+  hurts), linear warmup then cosine decay, gradient-norm clipping.
+
+When ``torch.distributed`` is initialised (e.g. inside a Ray Train worker) the model is wrapped in
+DistributedDataParallel and the data sharded with a DistributedSampler; each worker computes the
+loss over its own batch (no feature all-gather), and gradients are averaged. Only torch here: the
+caller builds the dataset (manifest reading lives in ``pipelines``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+MAX_LOGIT_SCALE = math.log(100.0)  # OpenAI's cap on the learned temperature
+
+TokenizerFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (defaults suit the small presets on a CPU)."""
+
+    epochs: int = 1  # passes over the dataset; ignored when ``steps`` is set
+    steps: int | None = None  # total optimizer steps (overrides epochs); loops over the data as needed
+    batch_size: int = 128  # pairs per step per worker; larger batches give more negatives
+    lr: float = 5e-4  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of ``lr`` at the end of the cosine
+    weight_decay: float = 0.1  # AdamW decay on weight matrices only
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (CLIP's; 0.98 is steadier for transformers)
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 100  # linear warmup from ~0 to ``lr``
+    grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
+    seed: int = 0  # seeds shuffling, augmentation and anything random in the loop
+    num_threads: int | None = None  # torch intra-op threads; None keeps the current setting
+    loader_workers: int = 0  # DataLoader worker processes (0 = decode in the training process)
+    log_every: int = 20  # print a progress line every N steps (0 = never)
+    eval_every: int = 0  # call ``eval_fn`` every N steps (0 = only at the end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _open_image(src: Any):
+    """A PIL image from a path or encoded bytes (``preprocess.load_image`` is the robust decoder)."""
+    from .preprocess import load_image
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return load_image(bytes(src))
+    return load_image(os.fspath(src))
+
+
+def random_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                    generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """A random (left, top, right, bottom) box covering ``scale`` of the area at aspect ``ratio``."""
+    area = width * height
+    r = torch.rand(3, generator=generator).tolist()
+    target = area * (scale[0] + (scale[1] - scale[0]) * r[0])
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * r[1])
+    w = min(width, max(1, int(round(math.sqrt(target * aspect)))))
+    h = min(height, max(1, int(round(math.sqrt(target / aspect)))))
+    left = int((width - w) * r[2])
+    top = int((height - h) * torch.rand(1, generator=generator).item())
+    return left, top, left + w, top + h
+
+
+class PairsDataset(Dataset):
+    """(pixels[3,R,R], tokens[L]) pairs from image paths or encoded bytes and their captions.
+
+    Captions are tokenized once up front (cheap, and keeps the per-item work to image decoding).
+    ``augment`` applies a mild random crop (90-100% of the area) before ``transform``: enough to
+    vary framing, small enough to keep the whole subject and its position in view. There is no
+    flip, because captions may name a side ("near the top left").
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Any],
+        captions: Sequence[str],
+        transform: Callable[[Any], torch.Tensor],
+        tokenizer_fn: TokenizerFn | None = None,
+        context_length: int = 77,
+        augment: bool = False,
+        crop_scale: tuple[float, float] = (0.9, 1.0),
+    ):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        if tokenizer_fn is None:
+            from .tokenizer import tokenize as tokenizer_fn
+        self.images = list(images)
+        self.tokens = tokenizer_fn(list(captions), context_length=context_length, truncate=True)
+        self.transform = transform
+        self.augment = augment
+        self.crop_scale = crop_scale
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = _open_image(self.images[index])
+        if self.augment:
+            img = img.crop(random_crop_box(img.width, img.height, self.crop_scale, (0.9, 1.1)))
+        return self.transform(img), self.tokens[index]
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns: the causal mask makes the result identical, and faster."""
+    used = tokens.ne(0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    return tokens[:, :length]
+
+
+# ----------------------------------------------------------------------------- loss and optimizer
+
+
+def contrastive_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: pair i is the positive of row i and column i, every other pair a negative."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep ``exp(logit_scale)`` within [1, 100], as OpenAI does after each step."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight matrices decay; gains, biases, embeddings and the logit scale do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based): linear warmup, then cosine to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _dist_info() -> tuple[bool, int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+def train(
+    model: nn.Module,
+    pairs_dataset: Dataset,
+    cfg: TrainConfig,
+    *,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    log_fn: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``pairs_dataset``; return the history.
+
+    The history holds per-logged-step lists (``step``, ``loss``, ``lr``, ``logit_scale``,
+    ``images_per_s``), ``eval`` (a list of ``{"step": ..., **eval_fn(model)}``), ``steps``,
+    ``images_seen`` and ``wall_time_s``. Under torch.distributed, logging and ``eval_fn`` run on
+    rank 0 only and ``images_per_s`` / ``images_seen`` count all workers.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    distributed, rank, world = _dist_info()
+    log = log_fn if (log_fn is not None and rank == 0) else (lambda _msg: None)
+
+    base = model
+    base.train()
+    net: nn.Module = base
+    sampler = None
+    if distributed and world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        net = DistributedDataParallel(base)
+        sampler = DistributedSampler(pairs_dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+
+    per_worker = len(pairs_dataset) // world if sampler is not None else len(pairs_dataset)
+    if per_worker < 2:
+        raise ValueError(f"need at least 2 pairs per worker to train contrastively, got {per_worker}")
+    batch_size = min(cfg.batch_size, per_worker)
+    loader = DataLoader(
+        pairs_dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.loader_workers,
+        generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
+        persistent_workers=cfg.loader_workers > 0,
+    )
+    steps_per_epoch = len(loader)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    if total < 1:
+        raise ValueError("nothing to train: steps/epochs give 0 optimizer steps")
+
+    optimizer = torch.optim.AdamW(parameter_groups(base, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+
+    history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "logit_scale": [], "images_per_s": [], "eval": []}
+    n_params = sum(p.numel() for p in base.parameters())
+    log(f"training {n_params / 1e6:.2f}M parameters: {total} steps, batch {batch_size} x {world} worker(s), "
+        f"{steps_per_epoch} steps/epoch, {len(pairs_dataset)} pairs")
+
+    def run_eval(step: int) -> None:
+        if eval_fn is None or rank != 0:
+            return
+        base.eval()
+        with torch.no_grad():
+            metrics = dict(eval_fn(base))
+        base.train()
+        history["eval"].append({"step": step, **metrics})
+        log(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in metrics.items()))
+
+    t_start = time.perf_counter()
+    t_window, n_window, loss_window = t_start, 0, 0.0
+    step, epoch = 0, 0
+    while step < total:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for pixels, tokens in loader:
+            logits_per_image, logits_per_text = net(pixels, trim_tokens(tokens))
+            loss = contrastive_loss(logits_per_image, logits_per_text)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            clamp_logit_scale(base)
+            step += 1
+            n_window += pixels.shape[0] * world
+            loss_window += float(loss.detach())
+            if cfg.log_every and (step % cfg.log_every == 0 or step == total):
+                now = time.perf_counter()
+                n_logged = step - (history["step"][-1] if history["step"] else 0)
+                entry = {
+                    "step": step,
+                    "loss": loss_window / max(1, n_logged),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "logit_scale": float(base.logit_scale.detach().exp()),
+                    "images_per_s": n_window / max(now - t_window, 1e-9),
+                }
+                for k, v in entry.items():
+                    history[k].append(v)
+                log(f"step {step}/{total} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
+                    f"logit_scale {entry['logit_scale']:.1f} {entry['images_per_s']:.0f} img/s "
+                    f"elapsed {now - t_start:.0f}s")
+                t_window, n_window, loss_window = now, 0, 0.0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                run_eval(step)
+            if step >= total:
+                break
+        epoch += 1
+    run_eval(step)
+    base.eval()
+    history.update(steps=step, images_seen=step * batch_size * world, wall_time_s=time.perf_counter() - t_start,
+                   epochs=epoch, batch_size=batch_size, world_size=world)
+    return history
+
+
+# ----------------------------------------------------------------------------- zero-shot evaluation
+
+
+@torch.no_grad()
+def zero_shot_weights(model: nn.Module, classes: Sequence[str], templates: Sequence[str],
+                      tokenizer_fn: TokenizerFn | None = None) -> torch.Tensor:
+    """[C, D] class embeddings: mean of the normalized prompt embeddings, re-normalized (OpenAI's recipe)."""
+    if tokenizer_fn is None:
+        from .tokenizer import tokenize as tokenizer_fn
+    ctx = model.context_length
+    prompts = [t.format(c) for c in classes for t in templates]
+    tokens = trim_tokens(tokenizer_fn(prompts, context_length=ctx, truncate=True))
+    emb = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(classes), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_predict(model: nn.Module, pixels: torch.Tensor, weights: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Index of the best class per image: argmax of normalized image embedding @ class weights."""
+    preds = []
+    for i in range(0, pixels.shape[0], batch_size):
+        feats = F.normalize(model.encode_image(pixels[i:i + batch_size]).float(), dim=-1)
+        preds.append((feats @ weights.t()).argmax(dim=-1))
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def load_pixels(images: Sequence[Any], transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """[N, 3, R, R] preprocessed pixels of a (small) evaluation set, decoded once."""
+    return torch.stack([transform(_open_image(src)) for src in images])
+
+
+__all__ = [
+    "MAX_LOGIT_SCALE",
+    "PairsDataset",
+    "TrainConfig",
+    "clamp_logit_scale",
+    "contrastive_loss",
+    "load_pixels",
+    "lr_factor",
+    "parameter_groups",
+    "random_crop_box",
+    "train",
+    "trim_tokens",
+    "zero_shot_predict",
+    "zero_shot_weights",
+]
