@@ -35,6 +35,17 @@ NATIVE_FORMAT = "clip-etl/1"
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
+ASSETS_DIR = Path(__file__).parent / "assets"
+# Names that resolve to checkpoints shipped inside the package.
+BUNDLED_CHECKPOINTS = {"demo": ASSETS_DIR / "demo-model.safetensors"}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A bundled name (``demo``) or a path; ``~`` is expanded."""
+    if isinstance(path, str) and path in BUNDLED_CHECKPOINTS:
+        return BUNDLED_CHECKPOINTS[path]
+    return Path(os.path.expanduser(str(path)))
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
@@ -356,7 +367,7 @@ def _build(cfg: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> CLIP
 
 def load_state(path: str | os.PathLike, activation: str | None = None) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint into (config, OpenAI-named float state dict) without building a model."""
-    p = Path(path)
+    p = resolve_checkpoint(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_dir():

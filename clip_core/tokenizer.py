@@ -89,6 +89,7 @@ _ASCII_SPLIT_PATTERN = re.compile(
 # Bounds on the memo tables so a long-running worker cannot grow without limit.
 _WORD_CACHE_LIMIT = 1_000_000
 _TEXT_CACHE_SIZE = 65_536
+_TEXT_CACHE_MAX_CHARS = 512  # long documents are rarely repeated; keep them out of the LRU
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -287,11 +288,16 @@ class Tokenizer:
             out.extend(ids)
         return tuple(out)
 
+    def _ids(self, text: str) -> tuple[int, ...]:
+        if len(text) <= _TEXT_CACHE_MAX_CHARS:
+            return self._encode_cached(text)
+        return self._encode_uncached(text)
+
     # -- public API ----------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without the start/end markers."""
-        return list(self._encode_cached(_check_str(text)))
+        return list(self._ids(_check_str(text)))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Turn ids back into text the way OpenAI does.
@@ -327,7 +333,7 @@ class Tokenizer:
         sot, eot = self.sot_token_id, self.eot_token_id
         rows: list[list[int]] = []
         for text in texts:
-            tokens = [sot, *self._encode_cached(_check_str(text)), eot]
+            tokens = [sot, *self._ids(_check_str(text)), eot]
             if len(tokens) > context_length:
                 if not truncate:
                     shown = text if len(text) <= 60 else text[:57] + "..."

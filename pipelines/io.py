@@ -177,17 +177,112 @@ def iter_parquet_batches(
             yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
+def dirname(path: str) -> str:
+    """The folder of a file path, keeping an ``s3://`` scheme (``s3://b/k/m.parquet`` -> ``s3://b/k``)."""
+    if is_s3(path):
+        return posixpath.dirname(str(path).rstrip("/"))
+    return os.path.dirname(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def is_absolute_uri(path: str) -> bool:
+    """True for ``s3://...``, any other ``scheme://`` and absolute local paths."""
+    return is_s3(path) or "://" in str(path) or os.path.isabs(os.path.expanduser(str(path)))
+
+
+def resolve_relative(path: str, base_dir: str) -> str:
+    """``path`` as written in a manifest: absolute or URI as is, otherwise relative to the
+    manifest's folder (which may itself be on S3)."""
+    path = str(path)
+    if "://" in path:
+        return path
+    local = os.path.expanduser(path)
+    if os.path.isabs(local):
+        return local
+    if is_s3(base_dir):
+        scheme, rest = str(base_dir).split("://", 1)
+        return f"{scheme}://" + posixpath.normpath(posixpath.join(rest, path))
+    return os.path.normpath(os.path.join(base_dir, local))
+
+
+def remove(path: str, s3: S3Options | None = None) -> None:
+    """Delete a file if it exists (local or S3)."""
+    fs = fsspec_filesystem(path, s3)
+    raw = strip_scheme(path)
+    if fs.exists(raw):
+        fs.rm(raw)
+
+
+def file_info(path: str, s3: S3Options | None = None) -> dict[str, Any]:
+    """``{"size": bytes, "mtime": float | None, "etag": str | None}`` of a file; used to tell
+    whether an input changed between a run and its resume."""
+    fs = fsspec_filesystem(path, s3)
+    info = fs.info(strip_scheme(path))
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    etag = info.get("ETag") or info.get("etag")
+    return {"size": int(info.get("size") or 0), "mtime": float(mtime) if mtime is not None else None,
+            "etag": str(etag).strip('"') if etag else None}
+
+
+def parquet_metadata(path: str, s3: S3Options | None = None) -> tuple[int, pa.Schema, list[int]]:
+    """(rows, Arrow schema, rows per row group) from a Parquet footer, without reading data."""
+    fs = filesystem_for(path, s3)
+    with fs.open_input_file(strip_scheme(path)) as f:
+        meta = pq.ParquetFile(f).metadata
+        schema = meta.schema.to_arrow_schema()
+        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return meta.num_rows, schema, groups
+
+
+def read_parquet_rows(
+    path: str,
+    start: int,
+    stop: int,
+    columns: list[str] | None = None,
+    s3: S3Options | None = None,
+    row_groups: list[int] | None = None,
+) -> pa.Table:
+    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that overlap them.
+
+    ``row_groups`` (rows per group, from :func:`parquet_metadata`) saves one footer read.
+    """
+    fs = filesystem_for(path, s3)
+    with fs.open_input_file(strip_scheme(path)) as f:
+        pf = pq.ParquetFile(f)
+        if row_groups is None:
+            row_groups = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        wanted, first_row, offset = [], None, 0
+        for i, n in enumerate(row_groups):
+            if offset < stop and offset + n > start:
+                wanted.append(i)
+                if first_row is None:
+                    first_row = offset
+            offset += n
+        if not wanted:
+            return pf.schema_arrow.empty_table() if columns is None else pf.schema_arrow.empty_table().select(columns)
+        table = pf.read_row_groups(wanted, columns=columns)
+    return table.slice(start - first_row, stop - start)
+
+
 __all__ = [
     "S3Options",
+    "dirname",
     "exists",
+    "file_info",
     "filesystem_for",
     "fsspec_filesystem",
     "is_s3",
     "iter_parquet_batches",
     "join",
+    "is_absolute_uri",
     "list_files",
+    "parquet_metadata",
     "read_bytes",
     "read_json",
+    "read_parquet_rows",
+    "remove",
+    "resolve_relative",
     "strip_scheme",
     "unique_suffix",
     "write_bytes_atomic",

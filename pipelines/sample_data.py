@@ -243,7 +243,7 @@ def caption(rng: np.random.Generator, spec: ShapeSpec) -> str:
     """
     s, c, bg, sz, pos = spec.shape, spec.color, spec.background, spec.size, spec.position
     u = rng.random()
-    if u < 0.10:  # one attribute only
+    if u < 0.12:  # one attribute only
         partial = [
             f"{_article(c)} {c} shape",
             f"something {c}",
@@ -253,6 +253,9 @@ def caption(rng: np.random.Generator, spec: ShapeSpec) -> str:
             f"{_article(c)} {c} shape on a {bg} background",
             f"{_article(s)} {s} on a {bg} background",
             f"the {s}",
+            f"{_article(sz)} {sz} shape",
+            f"a shape on a {bg} background",
+            f"something on a {bg} background",
         ]
         return partial[rng.integers(len(partial))]
     np_ = f"{c} {s}" if rng.random() < 0.6 else f"{sz} {c} {s}"

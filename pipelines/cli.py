@@ -1,0 +1,148 @@
+"""``clip-etl``: the command line of the batch jobs and tools.
+
+Jobs (``run``, ``embed``, ``label``, ``caption``, ``index``) take ``-c CONFIG`` (optional; the
+config dataclasses' defaults apply without it) and ``section.key=value`` overrides. Tools
+(``search``, ``train``, ``export``, ``demo``) have their own flags and live in their own modules,
+imported only when used, so a missing optional part fails that subcommand alone, clearly.
+
+Exit status: 0 when the job finished (``_SUCCESS`` written); 2 for a bad command line or config;
+1 for any other job-level failure. Failures print one ``clip-etl: error: ...`` line on stderr
+(set ``CLIP_ETL_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+JOB_HELP = {
+    "run": "the whole pipeline: manifest -> embeddings, labels, captions -> Parquet results -> index",
+    "embed": "embeddings only (labels, captions and index off)",
+    "label": "embeddings and zero-shot labels",
+    "caption": "embeddings and captions",
+    "index": "build OUTPUT/index/ from the existing OUTPUT/results/",
+}
+
+# subcommand -> (module, add-arguments function, run function, help)
+TOOLS: dict[str, tuple[str, str, str, str]] = {
+    "search": ("pipelines.search_cli", "add_search_arguments", "run_search", "search an index built by a job"),
+    "train": ("pipelines.train_job", "add_train_arguments", "run_train", "train or fine-tune a CLIP model"),
+    "export": ("clip_core.export", "add_export_arguments", "run_export", "export a model to ONNX / int8 / TorchScript"),
+    "demo": ("pipelines.demo", "add_demo_arguments", "run_demo", "run the bundled demo end to end"),
+}
+
+
+def _error(message: str, code: int) -> int:
+    line = " ".join(str(message).split())  # one line, whatever the exception text held
+    print(f"clip-etl: error: {line}", file=sys.stderr, flush=True)
+    if os.environ.get("CLIP_ETL_DEBUG"):
+        traceback.print_exc()
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (plus usage) and exit 2 as usual."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"clip-etl: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_job(sub, name: str) -> None:
+    p = sub.add_parser(name, help=JOB_HELP[name], description=JOB_HELP[name])
+    p.add_argument("-c", "--config", help="YAML config (conf/*.yaml); without it the built-in defaults apply")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. input.path=s3://bucket/manifest.parquet model.backend=onnx")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.set_defaults(kind="job", job=name)
+
+
+def _load_tool(name: str):
+    module_name, add_name, run_name, _ = TOOLS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RuntimeError(f"the {name!r} command is not available in this installation ({module_name}: {e})") from e
+    add = getattr(module, add_name, None)
+    run = getattr(module, run_name, None)
+    if add is None or run is None:
+        raise RuntimeError(f"the {name!r} command is not available in this installation ({module_name} lacks {run_name})")
+    return add, run
+
+
+def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the tool named in ``tool`` gets its real arguments (lazy import)."""
+    parser = _Parser(prog="clip-etl", description="Batch CLIP on Ray Data: embeddings, zero-shot labels, "
+                     "captions and sharded FAISS indexes from Parquet manifests.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in JOB_HELP:
+        _add_job(sub, name)
+    for name, (_, _, _, help_text) in TOOLS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != tool)
+        if name == tool:
+            add, run = _load_tool(name)
+            add(p)
+            p.set_defaults(kind="tool", tool_run=run)
+        else:
+            p.set_defaults(kind="tool", tool_run=None)
+    return parser
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from .config import ConfigError, apply_job, load_config, to_yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _error(e, 2)
+    if args.print_config:
+        print(to_yaml(apply_job(cfg, args.job)), end="")
+        return 0
+    try:
+        from .job import JobError, run_job
+    except ImportError as e:
+        return _error(f"cannot import the pipeline: {e}", 1)
+    try:
+        run_job(cfg, args.job)
+    except ConfigError as e:
+        return _error(e, 2)
+    except JobError as e:
+        return _error(e, 1)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except Exception as e:  # anything unexpected is still a job failure, reported in one line
+        return _error(f"{type(e).__name__}: {e}", 1)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    tool = command if command in TOOLS else None
+    try:
+        parser = build_parser(tool)
+    except RuntimeError as e:
+        return _error(e, 2)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.kind == "job":
+        return _run_job(args)
+    run: Callable[[argparse.Namespace], int] = args.tool_run
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except Exception as e:
+        return _error(f"{type(e).__name__}: {e}", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,559 @@
+"""The pipeline's configuration: dataclasses with defaults, loaded from YAML plus dotted overrides.
+
+Why dataclasses and a strict loader: a batch job that runs for hours must not start with a typo
+(``label.clases``) silently ignored or a string where a number belongs. Every key is checked
+against the dataclass fields and every value against the field's annotation before any work
+starts; an error names the key. The YAML files in ``conf/`` mirror these defaults, so an
+installed package runs from any directory without them.
+
+Load order: dataclass defaults <- the ``-c`` file (if any) <- ``key=value`` overrides. Override
+values are parsed as YAML (``index.enabled=false``, ``label.classes=[cat,dog]``), except that a
+field annotated as a string keeps the raw text (``model.checkpoint=123`` is the file ``"123"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+# A job name -> which stages it runs; see :func:`apply_job`.
+JOBS = ("run", "embed", "label", "caption", "index")
+BACKENDS = ("torch", "torchscript", "onnx", "onnx-int8")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class InputConfig:
+    """Where the manifest is and which of its columns mean what."""
+
+    # Manifest Parquet: a file, a directory (all *.parquet below it), a glob, an s3:// URI of
+    # any of those, or a list of them. Required.
+    path: Optional[Union[str, list[str]]] = None
+    # Column with a unique row id. When the manifest has no such column, ids are derived as
+    # "<manifest path relative to the inputs' common folder>:<row number in that file>".
+    id_column: str = "id"
+    # Column with the image: a local path, a path relative to the manifest file, an s3:// URI,
+    # or the encoded bytes. A manifest without this column is a text-only manifest.
+    image_column: str = "image"
+    # Column with the text. A manifest without this column is an image-only manifest.
+    text_column: str = "text"
+    # Process only the first N rows of the manifest (smoke runs). null: all rows.
+    max_rows: Optional[int] = None
+    # Read the id column up front and refuse duplicate or null ids (costs one column scan).
+    check_unique_ids: bool = True
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and how they are cut into files."""
+
+    # The job's output root: Parquet under OUTPUT/results/, the index under OUTPUT/index/,
+    # OUTPUT/_plan.json, OUTPUT/_run.json and OUTPUT/_SUCCESS. Local path or s3:// URI.
+    path: str = "out"
+    # Manifest rows per shard = per results/part-XXXXX.parquet file; the unit of resume.
+    shard_size: int = 10000
+    # Manifest columns copied to the results. null: every column except a bytes image column.
+    passthrough: Optional[list[str]] = None
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP to run and how."""
+
+    # "demo" (the bundled model), a checkpoint file or Hugging Face folder (OpenAI .pt,
+    # open_clip, HF CLIPModel, our own .safetensors), or an exported model; s3:// is fetched once
+    # per node. Must be readable from every node of the cluster.
+    checkpoint: str = "demo"
+    # torch | torchscript | onnx | onnx-int8.
+    backend: str = "torch"
+    # auto | fp32 | fp16 | bf16; auto = fp16 on GPU, fp32 on CPU.
+    precision: str = "auto"
+
+
+@dataclass
+class DecodeConfig:
+    """The CPU stage that fetches, decodes and preprocesses images and checks texts."""
+
+    # Rows per decode task call.
+    batch_size: int = 32
+    # Parallel decode tasks. null: as many as the cluster's free CPUs allow.
+    concurrency: Optional[int] = None
+    # CPUs reserved per decode task.
+    num_cpus: float = 1.0
+    # Threads per decode task fetching files concurrently (hides S3 latency).
+    io_threads: int = 8
+    # Largest image in pixels (width * height); bigger ones are errors ("too large").
+    max_pixels: int = 2 * 89_478_485
+    # Largest encoded image file in bytes; bigger ones are errors ("too large").
+    max_image_bytes: int = 64 * 1024 * 1024
+    # Apply EXIF orientation (OpenAI's preprocessing does not; off keeps reference numbers).
+    exif_transpose: bool = False
+    # Texts longer than the model's context are truncated (true) or errors (false).
+    truncate_text: bool = True
+
+
+@dataclass
+class EmbedConfig:
+    """The model actors."""
+
+    # Rows per model call (an integer, so GPU memory use is predictable).
+    batch_size: int = 64
+    # Number of model actors (each holds one copy of the model).
+    actors: int = 1
+    # CPUs reserved per actor; also the actor's torch/onnxruntime thread count on CPU.
+    num_cpus: float = 1.0
+    # GPUs per actor: "auto" = 1 when the cluster has GPUs and 0 otherwise, or a number.
+    num_gpus: Union[float, str] = "auto"
+    # Embed the image column (when the manifest has one).
+    images: bool = True
+    # Embed the text column (when the manifest has one).
+    texts: bool = True
+
+
+@dataclass
+class LabelConfig:
+    """Zero-shot labels computed from the image embeddings."""
+
+    # Run the label stage (adds label, label_score, labels_topk, scores_topk).
+    enabled: bool = True
+    # Class names: an inline list, a text file with one class per line (local or s3://),
+    # "imagenet", or a dataset name from OpenAI's prompt file (e.g. "CIFAR10").
+    classes: Union[str, list[str]] = "imagenet"
+    # Prompt templates with one {}: null or "seed" (9 templates), "imagenet" (80), a list, or a
+    # file with one template per line.
+    templates: Optional[Union[str, list[str]]] = None
+    # How many classes labels_topk / scores_topk keep.
+    top_k: int = 5
+
+
+@dataclass
+class CaptionConfig:
+    """Template/vocabulary captions ranked by CLIP from the image embeddings."""
+
+    # Run the caption stage (adds caption).
+    enabled: bool = True
+    # Caption vocabulary: null (the built-in object/scene/action/attribute set), a YAML file
+    # (local or s3://), or an inline mapping {categories: {name: {templates, words}}, threshold,
+    # joiner, fallback}.
+    vocabulary: Optional[Union[str, dict]] = None
+
+
+@dataclass
+class IndexConfig:
+    """The FAISS index built from the results after they are complete."""
+
+    # Build OUTPUT/index/ after the results (clip-etl index builds it from existing results).
+    enabled: bool = True
+    # Results column to index: image_embedding or text_embedding.
+    embedding_column: str = "image_embedding"
+    # FAISS factory string; null: chosen from the data size and the recall target.
+    factory: Optional[str] = None
+    # Number of index shards; null: derived from vectors_per_shard / memory.
+    shards: Optional[int] = None
+    # Vectors per shard; null: derived from memory_budget_gb.
+    vectors_per_shard: Optional[int] = None
+    # Memory the search side may use for one shard, in GiB.
+    memory_budget_gb: float = 4.0
+    # recall@10 the tuned index must reach against exact search.
+    target_recall: float = 0.95
+    # Also write one merged index next to the shards.
+    merge: bool = False
+
+
+@dataclass
+class S3Config:
+    """S3 access; empty fields use the standard AWS environment and config chain."""
+
+    # Endpoint URL for S3-compatible stores (also AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3).
+    endpoint_url: Optional[str] = None
+    # AWS region.
+    region: Optional[str] = None
+    # Access key id (prefer AWS_ACCESS_KEY_ID or a profile).
+    access_key_id: Optional[str] = None
+    # Secret access key (prefer AWS_SECRET_ACCESS_KEY or a profile).
+    secret_access_key: Optional[str] = None
+    # Unsigned requests (public buckets).
+    anonymous: bool = False
+    # Attempts per request, with adaptive backoff on throttling and transient errors.
+    max_attempts: int = 10
+
+
+@dataclass
+class RayConfig:
+    """Where the job runs."""
+
+    # Cluster address ("auto", "ray://host:10001", ...). null: RAY_ADDRESS if set (as under
+    # `ray job submit`), else an embedded local Ray started and stopped by the job.
+    address: Optional[str] = None
+    # CPUs of the embedded local Ray. null: all CPUs of the machine.
+    num_cpus: Optional[int] = None
+    # Object store of the embedded local Ray in MiB. null: Ray's default.
+    object_store_mb: Optional[int] = None
+
+
+@dataclass
+class PipelineConfig:
+    """The whole job; one section per stage."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def s3_options(self):
+        """The S3 settings as :class:`pipelines.io.S3Options`."""
+        from .io import S3Options
+
+        return S3Options(**dataclasses.asdict(self.s3))
+
+
+# --------------------------------------------------------------------------------------------
+# Type checking
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            names.append("null")
+        return " or ".join(names)
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return "a list of strings" if arg is str else f"a list of ({_type_name(arg)})"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(tp, str(tp))
+
+
+def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value converted where lossless, e.g. int -> float)."""
+    if tp is Any:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _check_value(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (arg,) = typing.get_args(tp) or (Any,)
+        out = []
+        for item in value:
+            ok, v = _check_value(item, arg)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, data: Any, where: str):
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _section_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}{_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+            continue
+        ok, converted = _check_value(value, tp)
+        if not ok:
+            raise ConfigError(f"config key {full!r} must be {_type_name(tp)}, got {value!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _field_type(dotted: str) -> Any:
+    """The annotation of a dotted key, or a ConfigError naming the unknown part."""
+    cls: Any = PipelineConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[:i])!r} is not a section")
+        hints = _section_types(cls)
+        if part not in hints:
+            where = ".".join(parts[:i])
+            prefix = f"{where}." if where else ""
+            choices = [prefix + n for n in hints]
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, choices)}")
+        cls = hints[part]
+    return cls
+
+
+def _accepts(tp: Any, kind: type) -> bool:
+    if tp is kind:
+        return True
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_accepts(a, kind) for a in typing.get_args(tp))
+    return False
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> (``"a.b"``, parsed value); see the module docstring for the rules."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    tp = _field_type(key)
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys (e.g. {key}.<name>=...)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config key {key!r}: cannot parse value {raw!r} ({e})") from e
+    if _accepts(tp, str) and raw.strip() and not isinstance(value, (str, list, dict)):
+        if not _check_value(value, tp)[0]:
+            value = raw.strip()  # a string field: keep the text as typed ("123", "yes")
+    if isinstance(value, str) and _accepts(tp, float) and not _accepts(tp, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    """A config file as a mapping (local or s3://); a clear error when missing or malformed."""
+    from . import io as pio
+
+    try:
+        text = pio.read_bytes(path).decode("utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in config file {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Defaults <- YAML file <- dotted overrides, validated; see the module docstring."""
+    data: dict = read_yaml(os.fspath(path)) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        data = _merge(data, _nest(key, value))
+    cfg = _build(PipelineConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> PipelineConfig:
+    """A validated config from a nested mapping (e.g. the ``config`` of a ``_run.json``)."""
+    cfg = _build(PipelineConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Value checks that types alone cannot express; each error names its key."""
+    if cfg.model.backend not in BACKENDS:
+        raise ConfigError(f"config key 'model.backend' must be one of {', '.join(BACKENDS)}; got {cfg.model.backend!r}")
+    if cfg.model.precision not in PRECISIONS:
+        raise ConfigError(
+            f"config key 'model.precision' must be one of {', '.join(PRECISIONS)}; got {cfg.model.precision!r}"
+        )
+    positive = {
+        "output.shard_size": cfg.output.shard_size,
+        "decode.batch_size": cfg.decode.batch_size,
+        "decode.io_threads": cfg.decode.io_threads,
+        "decode.max_pixels": cfg.decode.max_pixels,
+        "decode.max_image_bytes": cfg.decode.max_image_bytes,
+        "embed.batch_size": cfg.embed.batch_size,
+        "embed.actors": cfg.embed.actors,
+        "label.top_k": cfg.label.top_k,
+        "s3.max_attempts": cfg.s3.max_attempts,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    for key, value in {
+        "input.max_rows": cfg.input.max_rows,
+        "decode.concurrency": cfg.decode.concurrency,
+        "ray.num_cpus": cfg.ray.num_cpus,
+        "ray.object_store_mb": cfg.ray.object_store_mb,
+        "index.shards": cfg.index.shards,
+        "index.vectors_per_shard": cfg.index.vectors_per_shard,
+    }.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1 or null, got {value}")
+    if cfg.decode.num_cpus <= 0:
+        raise ConfigError(f"config key 'decode.num_cpus' must be > 0, got {cfg.decode.num_cpus}")
+    if cfg.embed.num_cpus <= 0:
+        raise ConfigError(f"config key 'embed.num_cpus' must be > 0, got {cfg.embed.num_cpus}")
+    gpus = cfg.embed.num_gpus
+    if isinstance(gpus, str) and gpus != "auto":
+        raise ConfigError(f"config key 'embed.num_gpus' must be 'auto' or a number, got {gpus!r}")
+    if not isinstance(gpus, str) and gpus < 0:
+        raise ConfigError(f"config key 'embed.num_gpus' must be >= 0, got {gpus}")
+    if not 0.0 < cfg.index.target_recall <= 1.0:
+        raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
+    if cfg.index.memory_budget_gb <= 0:
+        raise ConfigError(f"config key 'index.memory_budget_gb' must be > 0, got {cfg.index.memory_budget_gb}")
+    if cfg.index.embedding_column not in ("image_embedding", "text_embedding"):
+        raise ConfigError(
+            "config key 'index.embedding_column' must be image_embedding or text_embedding, "
+            f"got {cfg.index.embedding_column!r}"
+        )
+    if not (cfg.embed.images or cfg.embed.texts):
+        raise ConfigError("config keys 'embed.images' and 'embed.texts' are both false: nothing to do")
+    if isinstance(cfg.input.path, list) and not cfg.input.path:
+        raise ConfigError("config key 'input.path' is an empty list")
+    cols = {"input.id_column": cfg.input.id_column, "input.image_column": cfg.input.image_column,
+            "input.text_column": cfg.input.text_column}
+    for key, value in cols.items():
+        if not value:
+            raise ConfigError(f"config key {key!r} must not be empty")
+    if len(set(cols.values())) != len(cols):
+        raise ConfigError("config keys 'input.id_column', 'input.image_column' and 'input.text_column' must differ")
+    if not cfg.output.path:
+        raise ConfigError("config key 'output.path' must not be empty")
+
+
+def apply_job(cfg: PipelineConfig, job: str) -> PipelineConfig:
+    """Switch stages for a subcommand: ``embed`` = embeddings only, ``label`` = + labels,
+    ``caption`` = + captions, ``run`` = as configured. The subcommand wins over the file, so
+    ``clip-etl embed -c conf/pipeline.yaml`` never builds an index."""
+    if job not in JOBS:
+        raise ConfigError(f"unknown job {job!r}; one of {', '.join(JOBS)}")
+    cfg = dataclasses.replace(
+        cfg,
+        label=dataclasses.replace(cfg.label),
+        caption=dataclasses.replace(cfg.caption),
+        index=dataclasses.replace(cfg.index),
+    )
+    if job == "embed":
+        cfg.label.enabled = cfg.caption.enabled = cfg.index.enabled = False
+    elif job == "label":
+        cfg.label.enabled, cfg.caption.enabled, cfg.index.enabled = True, False, False
+    elif job == "caption":
+        cfg.label.enabled, cfg.caption.enabled, cfg.index.enabled = False, True, False
+    elif job == "index":
+        cfg.index.enabled = True
+    return cfg
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def config_keys() -> list[tuple[str, str, Any]]:
+    """(dotted key, type, default) for every key; used by ``clip-etl run --list-keys`` and docs."""
+    out = []
+    defaults = PipelineConfig()
+    for section in dataclasses.fields(PipelineConfig):
+        cls = _section_types(PipelineConfig)[section.name]
+        hints = _section_types(cls)
+        for f in dataclasses.fields(cls):
+            out.append((f"{section.name}.{f.name}", _type_name(hints[f.name]),
+                        getattr(getattr(defaults, section.name), f.name)))
+    return out
+
+
+__all__ = [
+    "BACKENDS",
+    "CaptionConfig",
+    "ConfigError",
+    "DecodeConfig",
+    "EmbedConfig",
+    "IndexConfig",
+    "InputConfig",
+    "JOBS",
+    "LabelConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PipelineConfig",
+    "RayConfig",
+    "S3Config",
+    "apply_job",
+    "config_keys",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "to_yaml",
+    "validate",
+]

@@ -1,0 +1,315 @@
+"""Stage 2: fetch, decode and preprocess images, and check and tokenize texts, in CPU tasks.
+
+Why a separate CPU stage: decoding JPEGs and resizing them is CPU work that would starve the
+model actors (and waste GPUs) if done inside them. Ray Data runs this stage as stateless tasks
+that scale with the cluster's CPUs, feeding the actor pool through the object store.
+
+Errors are data: every failure of one row — a missing file, bytes that are not an image, a
+truncated JPEG, a decompression bomb, an empty text — is caught here and recorded in the row's
+``__image_error`` / ``__text_error`` column as ``"<input>.<cause>: <detail>"`` (for example
+``"image.missing_file: no such file: /data/x.jpg"``). The cause codes are a fixed vocabulary,
+counted per cause in ``_run.json``:
+
+==================  ==========================================================================
+cause               meaning
+==================  ==========================================================================
+missing_file        the path does not exist (local or S3)
+not_a_file          the path is a directory
+unreadable          permission denied, an I/O or network error after retries
+unsupported_uri     a URI scheme other than s3:// (http(s) is not fetched)
+empty_file          zero bytes
+too_large           the file exceeds ``decode.max_image_bytes`` or the image exceeds
+                    ``decode.max_pixels`` (decompression bomb)
+not_an_image        the bytes are no image format Pillow knows (random bytes, a text file)
+truncated           the image data ends early
+corrupt             a damaged header or image data
+unsupported_mode    a pixel format that cannot be converted to RGB
+preprocess_failed   the resize/crop/normalise step failed
+empty               (text) the text is empty or only whitespace
+too_long            (text) longer than the model's context and ``decode.truncate_text`` is false
+==================  ==========================================================================
+
+A null image or text cell is not an error: that input is simply absent for the row.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import io as pio
+
+PIXELS_COL = "__pixels"  # float32 [3, R, R] as raw bytes, null when there is no usable image
+TOKENS_COL = "__tokens"  # int64 [context_length] as raw bytes, null when there is no usable text
+IMAGE_ERROR_COL = "__image_error"
+TEXT_ERROR_COL = "__text_error"
+
+
+@dataclass
+class DecodeOptions:
+    """What the decode function needs to know; built once by the job, shipped to every task."""
+
+    image_column: str | None  # manifest column with paths/bytes, None when images are off
+    text_column: str | None  # manifest column with texts, None when texts are off
+    manifest_dirs: list[str]  # folder of each manifest file, for relative image paths
+    transform: Any  # picklable PIL image -> float32 tensor [3, R, R] (the encoder's preprocess)
+    tokenizer: Any  # picklable tokenizer: (texts, context_length, truncate) -> LongTensor
+    context_length: int  # the text encoder's context length
+    drop_columns: tuple[str, ...] = ()  # columns not needed after this stage (bytes images)
+    max_pixels: int = 2 * 89_478_485  # larger images are "too_large"
+    max_image_bytes: int = 64 * 1024 * 1024  # larger files are "too_large"
+    exif_transpose: bool = False  # apply EXIF orientation
+    truncate_text: bool = True  # cut long texts instead of failing them
+    io_threads: int = 8  # concurrent fetches within one task
+    s3: pio.S3Options | None = None  # S3 settings for s3:// image URIs
+
+
+class RowError(Exception):
+    """A per-row failure with a cause code from the table in the module docstring."""
+
+    def __init__(self, cause: str, detail: str):
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+def fetch_image_bytes(value: Any, manifest_dir: str, opts: DecodeOptions) -> tuple[bytes, str]:
+    """(encoded bytes, where they came from) for one image cell; raises :class:`RowError`."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if len(data) > opts.max_image_bytes:
+            raise RowError("too_large", f"image bytes are {len(data)} bytes, limit {opts.max_image_bytes}")
+        return data, "<bytes>"
+    if not isinstance(value, str) or not value.strip():
+        raise RowError("missing_file", f"empty image path {value!r}")
+    path = pio.resolve_relative(value.strip(), manifest_dir)
+    if "://" in path and not pio.is_s3(path):
+        raise RowError("unsupported_uri", f"only local paths and s3:// URIs are fetched: {path}")
+    try:
+        if pio.is_s3(path):
+            fs = pio.fsspec_filesystem(path, opts.s3)
+            key = pio.strip_scheme(path)
+            try:
+                data = fs.cat_file(key)
+            except (FileNotFoundError, IsADirectoryError):
+                if fs.isdir(key):
+                    raise RowError("not_a_file", f"is a directory: {path}") from None
+                raise RowError("missing_file", f"no such file: {path}") from None
+        else:
+            if os.path.isdir(path):
+                raise RowError("not_a_file", f"is a directory: {path}")
+            size = os.path.getsize(path)
+            if size > opts.max_image_bytes:
+                raise RowError("too_large", f"file is {size} bytes, limit {opts.max_image_bytes}: {path}")
+            with open(path, "rb") as f:
+                data = f.read()
+    except RowError:
+        raise
+    except FileNotFoundError:
+        raise RowError("missing_file", f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise RowError("not_a_file", f"is a directory: {path}") from None
+    except PermissionError:
+        raise RowError("unreadable", f"permission denied: {path}") from None
+    except Exception as e:  # network errors after retries, odd filesystems
+        raise RowError("unreadable", f"{type(e).__name__}: {e}: {path}") from None
+    if len(data) > opts.max_image_bytes:
+        raise RowError("too_large", f"file is {len(data)} bytes, limit {opts.max_image_bytes}: {path}")
+    return data, path
+
+
+def _decode_cause(message: str) -> str:
+    m = message.lower()
+    if "empty file" in m:
+        return "empty_file"
+    if "too large" in m or "decompression bomb" in m:
+        return "too_large"
+    if "not an image" in m or "cannot identify" in m:
+        return "not_an_image"
+    if "truncated" in m:
+        return "truncated"
+    if "unsupported image mode" in m:
+        return "unsupported_mode"
+    return "corrupt"
+
+
+def decode_image(value: Any, manifest_dir: str, opts: DecodeOptions) -> np.ndarray:
+    """One image cell -> float32 ``[3, R, R]``; every failure is a :class:`RowError`."""
+    from clip_core.preprocess import ImageDecodeError, load_image
+
+    data, where = fetch_image_bytes(value, manifest_dir, opts)
+    if not data:
+        raise RowError("empty_file", f"zero bytes: {where}")
+    try:
+        img = load_image(data, exif_transpose=opts.exif_transpose, max_pixels=opts.max_pixels)
+    except ImageDecodeError as e:
+        raise RowError(_decode_cause(str(e)), f"{e}: {where}") from None
+    except Exception as e:  # a decoder bug must still not fail the block
+        raise RowError("corrupt", f"{type(e).__name__}: {e}: {where}") from None
+    try:
+        pixels = opts.transform(img)
+        arr = pixels.numpy() if hasattr(pixels, "numpy") else np.asarray(pixels)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    except Exception as e:
+        raise RowError("preprocess_failed", f"{type(e).__name__}: {e}: {where}") from None
+    if not np.isfinite(arr).all():
+        raise RowError("preprocess_failed", f"non-finite pixels: {where}")
+    return arr
+
+
+def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> tuple[list[bytes | None], list[str | None]]:
+    """A column of image cells -> (pixel bytes or None, error or None), fetched concurrently."""
+
+    def one(i: int) -> tuple[bytes | None, str | None]:
+        value = values[i]
+        if value is None:
+            return None, None
+        try:
+            return decode_image(value, opts.manifest_dirs[files[i]], opts).tobytes(), None
+        except RowError as e:
+            return None, f"image.{e.cause}: {e.detail}"
+
+    if opts.io_threads > 1 and len(values) > 1:
+        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(values))) as pool:
+            results = list(pool.map(one, range(len(values))))
+    else:
+        results = [one(i) for i in range(len(values))]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+# --------------------------------------------------------------------------------------------
+# Texts
+# --------------------------------------------------------------------------------------------
+def tokenize_texts(values: list[Any], opts: DecodeOptions) -> tuple[list[bytes | None], list[str | None]]:
+    """A column of texts -> (int64 token bytes or None, error or None)."""
+    tokens: list[bytes | None] = [None] * len(values)
+    errors: list[str | None] = [None] * len(values)
+    todo: list[int] = []
+    for i, text in enumerate(values):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            errors[i] = f"text.corrupt: not a string ({type(text).__name__})"
+        elif not text.strip():
+            errors[i] = "text.empty: text is empty"
+        else:
+            todo.append(i)
+    if not todo:
+        return tokens, errors
+
+    def run(idx: list[int]) -> np.ndarray:
+        out = opts.tokenizer([values[i] for i in idx], context_length=opts.context_length, truncate=opts.truncate_text)
+        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.int64)
+
+    try:
+        arr = run(todo)
+        for j, i in enumerate(todo):
+            tokens[i] = arr[j].tobytes()
+    except Exception:  # isolate the row(s) that fail, keep the others
+        for i in todo:
+            try:
+                tokens[i] = run([i])[0].tobytes()
+            except ValueError as e:
+                cause = "too_long" if "context_length" in str(e) or "tokens" in str(e) else "corrupt"
+                errors[i] = f"text.{cause}: {e}"
+            except Exception as e:
+                errors[i] = f"text.corrupt: {type(e).__name__}: {e}"
+    return tokens, errors
+
+
+# --------------------------------------------------------------------------------------------
+# The batch function and its Ray wrapper
+# --------------------------------------------------------------------------------------------
+def decode_batch(table: pa.Table, opts: DecodeOptions) -> pa.Table:
+    """Pure batch function: add pixels/tokens/error columns to a batch of manifest rows.
+
+    Never raises for a bad row; the batch keeps its row count and order.
+    """
+    from .reader import FILE_COL
+
+    n = table.num_rows
+    if opts.image_column:
+        files = table.column(FILE_COL).to_pylist()
+        pixels, img_err = decode_images(table.column(opts.image_column).to_pylist(), files, opts)
+    else:
+        pixels, img_err = [None] * n, [None] * n
+    if opts.text_column:
+        tokens, txt_err = tokenize_texts(table.column(opts.text_column).to_pylist(), opts)
+    else:
+        tokens, txt_err = [None] * n, [None] * n
+    drop = [c for c in opts.drop_columns if c in table.column_names]
+    if drop:
+        table = table.drop_columns(drop)
+    return (
+        table.append_column(PIXELS_COL, pa.array(pixels, pa.binary()))
+        .append_column(TOKENS_COL, pa.array(tokens, pa.binary()))
+        .append_column(IMAGE_ERROR_COL, pa.array(img_err, pa.string()))
+        .append_column(TEXT_ERROR_COL, pa.array(txt_err, pa.string()))
+    )
+
+
+class DecodeFn:
+    """Ray Data UDF around :func:`decode_batch` that also records its busy time."""
+
+    def __init__(self, opts: DecodeOptions):
+        self.opts = opts
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from .reader import add_stage_time
+
+        _limit_torch_threads()
+        t0 = time.perf_counter()
+        out = decode_batch(table, self.opts)
+        return add_stage_time(out, "decode", time.perf_counter() - t0)
+
+
+def _limit_torch_threads() -> None:
+    """Decode tasks get one CPU each; torch's default of all cores would oversubscribe them."""
+    try:
+        import torch
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+    except Exception:
+        pass
+
+
+def decode_dataset(ds, opts: DecodeOptions, *, batch_size: int, num_cpus: float, concurrency: int | None):
+    """Thin Ray wrapper: the decode stage as stateless CPU tasks over a Dataset."""
+    kwargs: dict[str, Any] = {}
+    if concurrency is not None:
+        kwargs["concurrency"] = concurrency
+    return ds.map_batches(
+        DecodeFn(opts),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        zero_copy_batch=True,
+        **kwargs,
+    )
+
+
+__all__ = [
+    "DecodeFn",
+    "DecodeOptions",
+    "IMAGE_ERROR_COL",
+    "PIXELS_COL",
+    "RowError",
+    "TEXT_ERROR_COL",
+    "TOKENS_COL",
+    "decode_batch",
+    "decode_dataset",
+    "decode_image",
+    "decode_images",
+    "fetch_image_bytes",
+    "tokenize_texts",
+]

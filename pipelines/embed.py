@@ -1,0 +1,280 @@
+"""Stage 3: the model actors — image and text embeddings, then labels and captions.
+
+Why a callable class on an actor pool: loading a CLIP checkpoint (and encoding every class prompt
+and caption sentence) takes seconds to minutes, so it happens once in ``__init__`` and the actor
+then serves batch after batch. Ray Data's ``ActorPoolStrategy`` keeps a fixed number of these
+actors, each with explicit ``num_cpus`` / ``num_gpus``, fed integer-sized batches so GPU memory
+use is predictable.
+
+The batch function also settles each row's ``status`` and ``error`` (rule, documented in the
+README): a row is ``ok`` when every input it provides (image and/or text) was embedded; if any
+provided input failed the row is ``error`` and keeps the embedding of the part that succeeded;
+a row with neither an image nor a text is ``error`` ("row.no_input").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import io as pio
+from .decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKENS_COL
+from .label import LabelSpec, build_captioner, build_classifier, caption_column, label_columns
+
+NO_INPUT = "row.no_input: row has neither image nor text"
+
+
+@dataclass
+class ModelSpec:
+    """How an actor builds its encoder; plain data so it pickles to every node."""
+
+    checkpoint: str  # "demo", a local path, or an s3:// URI (fetched once per node)
+    backend: str = "torch"  # torch | torchscript | onnx | onnx-int8
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int | None = None  # CPU threads for the model
+    s3: pio.S3Options | None = None  # for s3:// checkpoints
+
+
+@dataclass
+class StageSpec:
+    """Which outputs the actors produce."""
+
+    images: bool  # the manifest has images and they are embedded
+    texts: bool  # the manifest has texts and they are embedded
+    label: LabelSpec | None = None  # zero-shot labels (from image embeddings)
+    caption: bool = False  # captions (from image embeddings)
+    caption_vocabulary: dict | None = None  # resolved CaptionSpec mapping; None = built-in
+    extra: dict = field(default_factory=dict)  # reserved
+
+
+def localize_checkpoint(source: str, s3: pio.S3Options | None = None) -> str:
+    """A local path for ``source``: s3:// files or folders are downloaded once per node into a
+    cache keyed by the URI, published with an atomic rename so concurrent actors agree."""
+    if not pio.is_s3(source):
+        return source
+    root = os.path.join(tempfile.gettempdir(), "clip-etl-models")
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    target = os.path.join(root, key, os.path.basename(source.rstrip("/")))
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fs = pio.fsspec_filesystem(source, s3)
+    raw = pio.strip_scheme(source)
+    tmp = tempfile.mkdtemp(prefix=".dl-", dir=os.path.dirname(target))
+    local = os.path.join(tmp, os.path.basename(target))
+    if fs.isdir(raw):
+        fs.get(raw.rstrip("/") + "/", local, recursive=True)
+    else:
+        fs.get(raw, local)
+    try:
+        os.rename(local, target)
+    except OSError:
+        if not os.path.exists(target):
+            raise
+    return target
+
+
+def load_job_encoder(spec: ModelSpec):
+    """The encoder for a model spec (driver check and actors share this)."""
+    from clip_core.encoders import load_encoder
+
+    return load_encoder(
+        localize_checkpoint(spec.checkpoint, spec.s3),
+        backend=spec.backend,
+        precision=spec.precision,
+        device=spec.device,
+        num_threads=spec.num_threads,
+    )
+
+
+def fixed_size_list(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """[N, D] float32 -> fixed_size_list<float32>[D], null where ``valid`` is false."""
+    n, d = values.shape
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), pa.float32())
+    mask = None if valid.all() else pa.array(~valid)
+    return pa.FixedSizeListArray.from_arrays(flat, d, mask=mask)
+
+
+def _stack(column: pa.ChunkedArray, dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Binary cells of raw arrays -> (stacked array of the valid rows, validity mask)."""
+    cells = column.to_pylist()
+    valid = np.array([c is not None for c in cells], dtype=bool)
+    rows = [np.frombuffer(c, dtype=dtype).reshape(shape) for c in cells if c is not None]
+    arr = np.stack(rows) if rows else np.zeros((0, *shape), dtype=dtype)
+    return arr, valid
+
+
+def _run_isolated(fn, inputs: np.ndarray, what: str) -> tuple[np.ndarray | None, list[str | None]]:
+    """Run the model on a batch; if it raises, retry row by row so one poisoned input cannot fail
+    the block. If every row fails alone too, the model itself is broken: re-raise."""
+    try:
+        return np.asarray(fn(inputs), dtype=np.float32), [None] * len(inputs)
+    except Exception:
+        if len(inputs) <= 1:
+            raise
+    outs, errs, dim = [], [], None
+    for i in range(len(inputs)):
+        try:
+            out = np.asarray(fn(inputs[i : i + 1]), dtype=np.float32)[0]
+            dim = out.shape[0]
+            outs.append(out)
+            errs.append(None)
+        except Exception as e:
+            outs.append(None)
+            errs.append(f"{what}.model_failed: {type(e).__name__}: {e}")
+    if dim is None:
+        raise RuntimeError(f"the model failed on every {what} of a batch; last error: {errs[-1]}")
+    return np.stack([o if o is not None else np.zeros(dim, np.float32) for o in outs]), errs
+
+
+def embed_batch(
+    table: pa.Table,
+    encoder: Any,
+    stages: StageSpec,
+    *,
+    classifier: Any = None,
+    captioner: Any = None,
+) -> pa.Table:
+    """Pure batch function: decoded rows in, result rows out (internal tags kept for the writer).
+
+    Adds ``image_embedding`` / ``text_embedding`` (when those inputs exist), the label and caption
+    columns (when on), ``status`` and ``error``; drops the pixel/token/error work columns.
+    """
+    n = table.num_rows
+    dim = int(encoder.embed_dim)
+    img_err = table.column(IMAGE_ERROR_COL).to_pylist()
+    txt_err = table.column(TEXT_ERROR_COL).to_pylist()
+    row_errors: list[list[str]] = [[e for e in (a, b) if e] for a, b in zip(img_err, txt_err)]
+    present = np.zeros(n, dtype=bool)  # the row provides at least one input
+    new: dict[str, pa.Array] = {}
+
+    img_emb = np.zeros((n, dim), np.float32)
+    img_ok = np.zeros(n, dtype=bool)
+    if stages.images:
+        r = int(encoder.image_size)
+        pixels, has_pixels = _stack(table.column(PIXELS_COL), np.float32, (3, r, r))
+        present |= has_pixels | np.array([e is not None for e in img_err])
+        if len(pixels):
+            emb, errs = _run_isolated(_image_fn(encoder), pixels, "image")
+            idx = np.flatnonzero(has_pixels)
+            for j, i in enumerate(idx):
+                if errs[j]:
+                    row_errors[i].append(errs[j])
+                else:
+                    img_emb[i] = emb[j]
+                    img_ok[i] = True
+        new["image_embedding"] = fixed_size_list(img_emb, img_ok)
+
+    if stages.texts:
+        length = int(encoder.context_length)
+        tokens, has_tokens = _stack(table.column(TOKENS_COL), np.int64, (length,))
+        present |= has_tokens | np.array([e is not None for e in txt_err])
+        txt_emb = np.zeros((n, dim), np.float32)
+        txt_ok = np.zeros(n, dtype=bool)
+        if len(tokens):
+            emb, errs = _run_isolated(_text_fn(encoder), tokens, "text")
+            idx = np.flatnonzero(has_tokens)
+            for j, i in enumerate(idx):
+                if errs[j]:
+                    row_errors[i].append(errs[j])
+                else:
+                    txt_emb[i] = emb[j]
+                    txt_ok[i] = True
+        new["text_embedding"] = fixed_size_list(txt_emb, txt_ok)
+
+    if stages.label is not None:
+        new.update(label_columns(classifier, img_emb, img_ok, stages.label.top_k))
+    if stages.caption:
+        new["caption"] = caption_column(captioner, img_emb, img_ok)
+
+    for i in np.flatnonzero(~present):
+        if not row_errors[i]:
+            row_errors[i].append(NO_INPUT)
+    new["status"] = pa.array(["error" if e else "ok" for e in row_errors], pa.string())
+    new["error"] = pa.array(["; ".join(e) if e else None for e in row_errors], pa.string())
+
+    drop = [c for c in (PIXELS_COL, TOKENS_COL, IMAGE_ERROR_COL, TEXT_ERROR_COL) if c in table.column_names]
+    table = table.drop_columns(drop)
+    for name, arr in new.items():
+        table = table.append_column(name, arr)
+    return table
+
+
+def _image_fn(encoder):
+    import torch
+
+    return lambda x: encoder.encode_images(torch.from_numpy(np.ascontiguousarray(x)))
+
+
+def _text_fn(encoder):
+    import torch
+
+    return lambda x: encoder.encode_texts(torch.from_numpy(np.ascontiguousarray(x)))
+
+
+class EmbedActor:
+    """Ray Data actor: loads the encoder (and the label/caption text embeddings) once, then runs
+    :func:`embed_batch` on every batch it is given."""
+
+    def __init__(self, model: ModelSpec, stages: StageSpec):
+        t0 = time.perf_counter()
+        self.encoder = load_job_encoder(model)
+        self.stages = stages
+        self.classifier = build_classifier(self.encoder, stages.label) if stages.label is not None else None
+        self.captioner = (
+            build_captioner(self.encoder, stages.caption_vocabulary) if stages.caption else None
+        )
+        self.setup_seconds = time.perf_counter() - t0
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from .reader import add_stage_time
+
+        t0 = time.perf_counter()
+        out = embed_batch(table, self.encoder, self.stages, classifier=self.classifier, captioner=self.captioner)
+        return add_stage_time(out, "embed", time.perf_counter() - t0)
+
+
+def embed_dataset(
+    ds,
+    model: ModelSpec,
+    stages: StageSpec,
+    *,
+    actors: int,
+    batch_size: int,
+    num_cpus: float,
+    num_gpus: float,
+):
+    """Thin Ray wrapper: the model stage as a fixed pool of :class:`EmbedActor`."""
+    import ray.data
+
+    return ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"model": model, "stages": stages},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=int(batch_size),
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        zero_copy_batch=True,
+    )
+
+
+__all__ = [
+    "EmbedActor",
+    "ModelSpec",
+    "NO_INPUT",
+    "StageSpec",
+    "embed_batch",
+    "embed_dataset",
+    "fixed_size_list",
+    "load_job_encoder",
+    "localize_checkpoint",
+]
