@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import itertools
 import json
 import re
 import threading
@@ -41,6 +42,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import ftfy
+import numpy as np
 import regex
 import torch
 
@@ -74,7 +76,8 @@ _WHITESPACE = regex.compile(r"\s+")
 # Characters for which ftfy.fix_text may change a text: anything outside
 # printable ASCII / tab / LF / CR (mojibake, quotes, widths, ligatures, control
 # and escape characters) plus '&' (HTML entity unescaping). For texts without
-# them ftfy returns its input unchanged, so calling it would only cost time.
+# them ftfy changes nothing except CR -> LF, which whitespace collapsing erases
+# anyway, so calling it would only cost time.
 _FTFY_TRIGGER = regex.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
 
 # The same split for texts that took the plain-ASCII path in `_clean_and_split`:
@@ -148,8 +151,8 @@ def _clean_and_split(text: str) -> list[str]:
 
 
 def _load_openai_merges(path: Path) -> list[tuple[str, str]]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
+    with gzip.open(path, "rb") as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     return [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]  # type: ignore[misc]
 
 
@@ -279,14 +282,11 @@ class Tokenizer:
         return ids
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
-        cache = self._word_cache
-        out: list[int] = []
-        for piece in _clean_and_split(text):
-            ids = cache.get(piece)
-            if ids is None:
-                ids = self._word_ids(piece)
-            out.extend(ids)
-        return tuple(out)
+        pieces = _clean_and_split(text)
+        parts = list(map(self._word_cache.get, pieces))
+        if None in parts:
+            parts = [ids if ids is not None else self._word_ids(piece) for ids, piece in zip(parts, pieces)]
+        return tuple(itertools.chain.from_iterable(parts))
 
     def _ids(self, text: str) -> tuple[int, ...]:
         if len(text) <= _TEXT_CACHE_MAX_CHARS:
@@ -331,24 +331,30 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         sot, eot = self.sot_token_id, self.eot_token_id
-        rows: list[list[int]] = []
+        room = context_length - 2
+        flat: list[int] = []
+        lengths: list[int] = []
         for text in texts:
-            tokens = [sot, *self._ids(_check_str(text)), eot]
-            if len(tokens) > context_length:
+            ids = self._ids(_check_str(text))
+            if len(ids) > room:
                 if not truncate:
                     shown = text if len(text) <= 60 else text[:57] + "..."
                     raise ValueError(
-                        f"text {shown!r} has {len(tokens)} tokens (with start/end markers), "
+                        f"text {shown!r} has {len(ids) + 2} tokens (with start/end markers), "
                         f"more than context_length={context_length}; pass truncate=True to cut it"
                     )
-                tokens = tokens[:context_length]
-                tokens[-1] = eot
-            else:
-                tokens.extend([0] * (context_length - len(tokens)))
-            rows.append(tokens)
-        # One conversion of the whole padded batch is far cheaper than a tensor per row.
-        result = torch.tensor(rows, dtype=torch.long) if rows else torch.zeros(0, context_length, dtype=torch.long)
-        return result  # type: ignore[return-value]
+                # Same as the reference's tokens[:context_length] then tokens[-1] = EOT.
+                ids = ids[:room]
+            flat.append(sot)
+            flat.extend(ids)
+            flat.append(eot)
+            lengths.append(len(ids) + 2)
+        # Scatter all ids at once: a boolean mask in row-major order marks each
+        # row's first `length` slots. Much cheaper than building padded rows.
+        result = np.zeros((len(lengths), context_length), dtype=np.int64)
+        mask = np.arange(context_length) < np.asarray(lengths, dtype=np.int64)[:, None]
+        result[mask] = np.asarray(flat, dtype=np.int64)
+        return torch.from_numpy(result)  # type: ignore[return-value]
 
 
 _default_lock = threading.Lock()

@@ -49,6 +49,7 @@ PIXELS_COL = "__pixels"  # float32 [3, R, R] as raw bytes, null when there is no
 TOKENS_COL = "__tokens"  # int64 [context_length] as raw bytes, null when there is no usable text
 IMAGE_ERROR_COL = "__image_error"
 TEXT_ERROR_COL = "__text_error"
+DECODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -266,21 +267,9 @@ class DecodeFn:
     def __call__(self, table: pa.Table) -> pa.Table:
         from .reader import add_stage_time
 
-        _limit_torch_threads()
         t0 = time.perf_counter()
         out = decode_batch(table, self.opts)
         return add_stage_time(out, "decode", time.perf_counter() - t0)
-
-
-def _limit_torch_threads() -> None:
-    """Decode tasks get one CPU each; torch's default of all cores would oversubscribe them."""
-    try:
-        import torch
-
-        if torch.get_num_threads() != 1:
-            torch.set_num_threads(1)
-    except Exception:
-        pass
 
 
 def decode_dataset(ds, opts: DecodeOptions, *, batch_size: int, num_cpus: float, concurrency: int | None):
@@ -294,6 +283,11 @@ def decode_dataset(ds, opts: DecodeOptions, *, batch_size: int, num_cpus: float,
         batch_format="pyarrow",
         num_cpus=num_cpus,
         zero_copy_batch=True,
+        # One thread per task: the preprocessing's torch ops would otherwise start a thread per
+        # core in every task. A task-specific environment also keeps Ray Data from fusing these
+        # tasks into the model actors, so decoding scales with the cluster's CPUs, not with the
+        # number of actors.
+        runtime_env={"env_vars": DECODE_ENV},
         **kwargs,
     )
 

@@ -15,6 +15,7 @@ a row with neither an image nor a text is ``error`` ("row.no_input").
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -29,6 +30,7 @@ from .decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKENS_COL
 from .label import LabelSpec, build_captioner, build_classifier, caption_column, label_columns
 
 NO_INPUT = "row.no_input: row has neither image nor text"
+ACTOR_INFO_COL = "__actor_model"  # JSON of the actor's encoder (first row of each batch), for _run.json
 
 
 @dataclass
@@ -239,7 +241,14 @@ class EmbedActor:
 
         t0 = time.perf_counter()
         out = embed_batch(table, self.encoder, self.stages, classifier=self.classifier, captioner=self.captioner)
-        return add_stage_time(out, "embed", time.perf_counter() - t0)
+        out = add_stage_time(out, "embed", time.perf_counter() - t0)
+        # Which model really ran (device and precision resolve per actor): recorded in _run.json.
+        fp = [None] * out.num_rows
+        if fp:
+            fp[0] = json.dumps({"fingerprint": self.encoder.fingerprint, "device": self.encoder.device,
+                                "precision": self.encoder.precision, "backend": self.encoder.backend},
+                               sort_keys=True)
+        return out.append_column(ACTOR_INFO_COL, pa.array(fp, pa.string()))
 
 
 def embed_dataset(
@@ -268,6 +277,7 @@ def embed_dataset(
 
 
 __all__ = [
+    "ACTOR_INFO_COL",
     "EmbedActor",
     "ModelSpec",
     "NO_INPUT",

@@ -122,10 +122,12 @@ def load_driver_encoder(cfg: PipelineConfig, s3: pio.S3Options):
 
 
 def encoder_tokenizer(encoder: Any):
-    """A picklable tokenizer with the ``(texts, context_length, truncate)`` call of clip_core's."""
-    tok = getattr(encoder, "tokenizer", None)
-    if tok is not None and callable(tok):
-        return tok
+    """The encoder's own tokenizer (picklable; export directories may carry their own
+    vocabulary), called as ``(texts, context_length=, truncate=)`` in the decode tasks."""
+    for name in ("tokenizer", "_tokenizer"):
+        tok = getattr(encoder, name, None)
+        if tok is not None and callable(tok) and not hasattr(tok, "__self__"):
+            return tok
     from clip_core.tokenizer import get_default_tokenizer
 
     return get_default_tokenizer()
@@ -288,6 +290,11 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
     elif cfg.index.enabled:
         index_summary = {"skipped": "index is up to date"}
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    actor_models = ray_info.get("actor_models") or []
+    if len(actor_models) == 1:
+        # the model that produced this run's embeddings (device/precision resolved on the actors)
+        model_info = {**model_info, **actor_models[0], "checked_on_driver": {
+            k: model_info.get(k) for k in ("fingerprint", "device", "precision")}}
 
     record = {
         "job": job,
@@ -369,6 +376,7 @@ def _process(cfg, manifest, pending, encoder, writer, s3, *, do_images, do_texts
         ds = embed_dataset(ds, model, stages, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,
                            num_cpus=cfg.embed.num_cpus, num_gpus=gpus)
         t1 = time.perf_counter()
+        writer.start()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)
         writer.finish()
@@ -377,7 +385,9 @@ def _process(cfg, manifest, pending, encoder, writer, s3, *, do_images, do_texts
         timings["stage_busy_s"]["write"] = round(writer.write_seconds, 3)
         if timings["process_s"] > 0:
             timings["rows_per_s"] = round(writer.rows_written / timings["process_s"], 2)
-        return {**session.to_dict(), "actors": cfg.embed.actors, "gpus_per_actor": gpus}
+        actor_models = [json.loads(m) for m in sorted(writer.actor_models)]
+        return {**session.to_dict(), "actors": cfg.embed.actors, "gpus_per_actor": gpus,
+                "actor_models": actor_models}
 
 
 def _build_index(cfg, results_dir, index_dir, s3, model_info, log) -> dict[str, Any]:

@@ -314,26 +314,35 @@ def plan_to_dict(manifest: Manifest, shards: list[Shard], shard_size: int, max_r
     }
 
 
+def _comparable(plan: dict) -> dict:
+    """A plan without the absolute input paths: the same manifest reached through another path
+    (a ``ray job submit`` working dir, a re-mounted volume) is still the same input."""
+    out = dict(plan)
+    out["inputs"] = [{k: v for k, v in i.items() if k != "path"} for i in plan.get("inputs", [])]
+    return out
+
+
 def diff_plans(old: dict, new: dict) -> str | None:
     """None when two plans match, else a short description of the first difference."""
+    old, new = _comparable(old), _comparable(new)
     if old == new:
         return None
     if old.get("inputs") != new.get("inputs"):
-        a = {i["path"]: i for i in old.get("inputs", [])}
-        b = {i["path"]: i for i in new.get("inputs", [])}
+        a = {i["rel"]: i for i in old.get("inputs", [])}
+        b = {i["rel"]: i for i in new.get("inputs", [])}
         if set(a) != set(b):
             return "the set of manifest files changed"
         for p in b:
             if a[p] != b[p]:
                 return f"manifest {p} changed (rows/size/etag differ)"
         return "the manifest files changed"
-    for key in ("shard_size", "max_rows"):
+    for key, name in (("shard_size", "output.shard_size"), ("max_rows", "input.max_rows")):
         if old.get(key) != new.get(key):
-            return f"{'output.shard_size' if key == 'shard_size' else 'input.max_rows'} changed ({old.get(key)} -> {new.get(key)})"
+            return f"{name} changed ({old.get(key)} -> {new.get(key)})"
     so, sn = old.get("settings", {}), new.get("settings", {})
     for key in sorted(set(so) | set(sn)):
         if so.get(key) != sn.get(key):
-            return f"setting {key!r} changed ({so.get(key)!r} -> {sn.get(key)!r})"
+            return f"{key} settings changed ({so.get(key)!r} -> {sn.get(key)!r})"
     return "the plan changed"
 
 

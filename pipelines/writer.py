@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import io as pio
+from .embed import ACTOR_INFO_COL
 from .label import CAPTION_FIELDS, LABEL_FIELDS
 from .reader import ROW_COL, SHARD_COL, Manifest, Shard
 
@@ -110,6 +111,7 @@ class ShardWriter:
         self.buffers: dict[int, list[pa.Table]] = {}
         self.counts: dict[int, int] = {}
         self.stage_seconds: Counter = Counter()
+        self.actor_models: set[str] = set()  # JSON descriptions of the encoders the actors ran
         self.committed: list[int] = []
         self.rows_written = 0
         self.errors_written = 0
@@ -119,6 +121,10 @@ class ShardWriter:
         self.t0 = time.perf_counter()
         self.write_seconds = 0.0
 
+    def start(self) -> None:
+        """Start the rows/s clock (call when the dataset starts streaming)."""
+        self.t0 = time.perf_counter()
+
     def add(self, batch: pa.Table) -> None:
         """Take one result batch (any mix of shards)."""
         if batch.num_rows == 0:
@@ -126,6 +132,8 @@ class ShardWriter:
         for name in batch.column_names:
             if name.startswith("__t_"):
                 self.stage_seconds[name[4:]] += float(pc.sum(batch.column(name)).as_py() or 0.0)
+            elif name == ACTOR_INFO_COL:
+                self.actor_models.update(v for v in pc.unique(batch.column(name)).to_pylist() if v)
         shard_ids = batch.column(SHARD_COL)
         unique = pc.unique(shard_ids).to_pylist()
         for sid in unique:

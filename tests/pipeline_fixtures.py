@@ -1,0 +1,241 @@
+"""Fixtures and helpers shared by the pipeline tests: a local Ray, a tiny model, generated images
+and manifests, a moto S3 server on loopback, and a way to run ``clip-etl`` as a real process.
+
+Import the fixtures into a test module with ``from pipeline_fixtures import *``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+CLIP_ETL = str(VENV_BIN / "clip-etl")
+CLASSES = ["red square", "green circle", "blue triangle", "yellow star"]
+
+
+# --------------------------------------------------------------------------------------------
+# Ray and the model
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_local():
+    """One small local Ray per test module (2 CPUs, 256 MB object store, no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+             logging_level="warning", configure_logging=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The 32-px ``tiny-test`` CLIP with seeded random weights, saved in the native format."""
+    import torch
+
+    from clip_core import create_model
+    from clip_core.checkpoints import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(create_model("tiny-test"), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint):
+    """The same model through the Encoder interface, as the pipeline's actors load it."""
+    from clip_core.encoders import load_encoder
+
+    return load_encoder(tiny_checkpoint, backend="torch", precision="fp32", device="cpu", num_threads=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def make_image(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB"):
+    """A deterministic image with a coloured block, so embeddings differ between images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+    color = rng.integers(0, 256, 3)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    arr[y0 : y0 + h // 2, x0 : x0 + w // 2] = color
+    img = Image.fromarray(arr, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def image_bytes(img, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int, *, size=(48, 40), start_seed: int = 0) -> list[Path]:
+    """``n`` images (alternating PNG and JPEG) under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        fmt, ext = ("PNG", "png") if i % 2 == 0 else ("JPEG", "jpg")
+        p = folder / f"img_{i:04d}.{ext}"
+        p.write_bytes(image_bytes(make_image(start_seed + i, size), fmt))
+        paths.append(p)
+    return paths
+
+
+def write_manifest(path: Path, columns: dict, *, row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def read_results(output: str | Path, s3=None) -> pa.Table:
+    """All committed parts of a job's results, in part order."""
+    from pipelines import io as pio
+
+    results = pio.join(str(output), "results")
+    parts = pio.list_files(results, suffix=".parquet", s3=s3)
+    return pa.concat_tables([pq.read_table(pio.strip_scheme(p), filesystem=pio.filesystem_for(p, s3))
+                             for p in parts])
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def embeddings(table: pa.Table, column: str) -> np.ndarray:
+    return np.array(table.column(column).to_pylist(), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra) -> dict:
+    """Environment for a ``clip-etl`` child: the venv first on PATH, no inherited Ray address."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(args: list[str], *, timeout: float = 300, cwd: str | Path | None = None, **env) -> subprocess.CompletedProcess:
+    """Run the installed ``clip-etl`` console script and capture its output."""
+    return subprocess.run([CLIP_ETL, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(cwd or REPO), env=cli_env(**env))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a child started with ``start_new_session=True`` and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# --------------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------------
+S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on a free loopback port; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    yield endpoint
+    server.stop()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def s3_overrides(endpoint: str) -> list[str]:
+    """Config overrides that point the job at the test server (explicit, so Ray workers that
+    started before the server did still get the endpoint and keys)."""
+    return [f"s3.endpoint_url={endpoint}"] + [f"s3.{k}={v}" for k, v in S3_KEYS.items()]
+
+
+def copy_conf(dst: Path) -> Path:
+    shutil.copytree(REPO / "conf", dst / "conf")
+    return dst
+
+
+__all__ = [
+    "CLASSES",
+    "CLIP_ETL",
+    "REPO",
+    "S3_KEYS",
+    "VENV_BIN",
+    "cli_env",
+    "copy_conf",
+    "cosine_rows",
+    "embeddings",
+    "free_port",
+    "image_bytes",
+    "kill_group",
+    "make_image",
+    "ray_local",
+    "read_results",
+    "run_cli",
+    "s3_client",
+    "s3_overrides",
+    "s3_server",
+    "tiny_checkpoint",
+    "tiny_encoder",
+    "wait_for",
+    "write_images",
+    "write_manifest",
+]
