@@ -223,6 +223,8 @@ class Encoder:
         self.preprocess = preprocess
         self._tokenizer = tokenizer
         self.trim_text = True  # False runs every text at the full input length (for checking the trim)
+        # Rows per length bucket: small on CPU (fewer padded tokens), large on GPUs (bigger kernels).
+        self.text_bucket_rows = 256 if device.startswith("cuda") else 16
         self._apply_threads()
 
     # -- threads ---------------------------------------------------------------------------
@@ -252,22 +254,34 @@ class Encoder:
             raise EncoderError(f"token ids have length {tokens.shape[1]} > context_length {self.context_length}")
         return tokens.to(torch.long)
 
-    def trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` cut after the last pooled position of the batch (exactly the same embeddings)."""
+    def text_lengths(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per row, the number of leading tokens that determine its embedding (up to and including EOT)."""
         from .export import eot_positions
 
-        if not self.trim_text or tokens.shape[0] == 0:
-            return tokens
-        length = int(eot_positions(tokens, self.eot_token_id).max()) + 1
-        return tokens[:, :length].contiguous()
+        return eot_positions(tokens, self.eot_token_id).to(torch.long) + 1
 
     def encode_texts(self, texts: Sequence[str] | str | torch.Tensor | np.ndarray) -> np.ndarray:
-        """Strings (tokenized with truncation) or token ids ``[N, L]`` -> ``[N, D]`` float32, L2-normalized."""
+        """Strings (tokenized with truncation) or token ids ``[N, L]`` -> ``[N, D]`` float32, L2-normalized.
+
+        Rows are sorted by length and run in buckets of ``text_bucket_rows``, each trimmed to its
+        longest row: with the causal mask this changes nothing in fp32 (rows are independent), and
+        a batch of mixed short captions runs on far fewer tokens than at full length.
+        """
         tokens = self._as_tokens(texts)
-        if tokens.shape[0] == 0:
+        n = tokens.shape[0]
+        if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         self._apply_threads()
-        return _l2_normalize(self._text_batch(self.trimmed(tokens)))
+        if not self.trim_text:
+            return _l2_normalize(self._text_batch(tokens.contiguous()))
+        lengths = self.text_lengths(tokens)
+        if n <= self.text_bucket_rows:
+            return _l2_normalize(self._text_batch(tokens[:, : int(lengths.max())].contiguous()))
+        order = torch.argsort(lengths, stable=True)
+        out = np.empty((n, self.embed_dim), dtype=np.float32)
+        for idx in torch.tensor_split(order, math.ceil(n / self.text_bucket_rows)):
+            out[idx.numpy()] = self._text_batch(tokens[idx, : int(lengths[idx].max())].contiguous())
+        return _l2_normalize(out)
 
     # -- images ----------------------------------------------------------------------------
     def _as_pixels(self, pixels: Any) -> torch.Tensor:
@@ -295,6 +309,13 @@ class Encoder:
 
     def _text_batch(self, tokens: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
+
+    def warmup(self) -> "Encoder":
+        """Run one tiny batch through both towers: sessions and kernels are ready before real work,
+        and a broken export fails at actor start rather than on the first batch."""
+        self.encode_images(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.encode_texts(torch.tensor([[self.eot_token_id]], dtype=torch.long))
+        return self
 
     # -- description -----------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -371,8 +392,17 @@ class TorchScriptEncoder(Encoder):
 
 
 def _load_script(path: Path, device: str) -> torch.jit.ScriptModule:
-    module = torch.jit.load(str(path), map_location=device).eval()
-    return torch.jit.freeze(module)
+    """Load, freeze (weights become constants) and let torch fuse/prepack for this host, as the seed does.
+
+    TorchScript is deprecated in favour of torch.export/compile; the warnings say so on every load,
+    which is noise in job logs, so they are silenced here (the format works and is tested).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location=device).eval()
+        return torch.jit.optimize_for_inference(torch.jit.freeze(module))
 
 
 class OnnxEncoder(Encoder):
@@ -477,15 +507,15 @@ def _export_for(model: CLIP, name: str, source_fp: str, fmt: str) -> tuple[Path,
         target.parent.mkdir(parents=True, exist_ok=True)
         export_model(model, target, fmt, source_name=name, source_fingerprint=source_fp)
         return target, None
-    except ExportError:
+    except (ExportError, OSError):
         if is_export_dir(target):  # another process finished the same export first
             return target, None
-        raise
-    except OSError:
-        tmp = tempfile.TemporaryDirectory(prefix="clip-etl-export-")
-        out = Path(tmp.name) / key
-        export_model(model, out, fmt, source_name=name, source_fingerprint=source_fp)
-        return out, tmp
+        if target.parent.is_dir() and os.access(target.parent, os.W_OK):
+            raise  # the cache was usable: this is a real export failure
+    tmp = tempfile.TemporaryDirectory(prefix="clip-etl-export-")
+    out = Path(tmp.name) / key
+    export_model(model, out, fmt, source_name=name, source_fingerprint=source_fp)
+    return out, tmp
 
 
 def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", precision: str = "auto",

@@ -337,7 +337,7 @@ def _model_info(encoder: Any) -> dict[str, Any]:
 def _process(cfg, manifest, pending, encoder, writer, s3, *, do_images, do_texts, label_spec, vocabulary,
              timings) -> dict[str, Any]:
     """Stream the pending shards through decode and the actor pool into the writer."""
-    from .decode import DecodeOptions, decode_dataset
+    from .decode import DECODE_ENV, DecodeOptions, decode_dataset
     from .embed import ModelSpec, StageSpec, embed_dataset
     from .ray_runtime import actor_gpus, ray_session
     from .reader import read_dataset
@@ -370,7 +370,7 @@ def _process(cfg, manifest, pending, encoder, writer, s3, *, do_images, do_texts
         )
         stages = StageSpec(images=do_images, texts=do_texts, label=label_spec,
                            caption=vocabulary is not None, caption_vocabulary=vocabulary)
-        ds = read_dataset(manifest, pending, s3)
+        ds = read_dataset(manifest, pending, s3, runtime_env={"env_vars": DECODE_ENV})
         ds = decode_dataset(ds, opts, batch_size=cfg.decode.batch_size, num_cpus=cfg.decode.num_cpus,
                             concurrency=cfg.decode.concurrency)
         ds = embed_dataset(ds, model, stages, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,

@@ -474,11 +474,16 @@ def add_stage_time(table: pa.Table, stage: str, seconds: float) -> pa.Table:
     return table.append_column(name, pa.array(values, pa.float64()))
 
 
-def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None):
-    """A Ray Dataset over the pending shards (thin wrapper over :class:`ManifestDatasource`)."""
+def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None,
+                 runtime_env: dict | None = None):
+    """A Ray Dataset over the pending shards (thin wrapper over :class:`ManifestDatasource`).
+
+    ``runtime_env`` should match the decode tasks' so both run in the same pool of workers.
+    """
     import ray.data
 
-    return ray.data.read_datasource(ManifestDatasource(manifest, shards, s3), override_num_blocks=max(1, len(shards)))
+    return ray.data.read_datasource(ManifestDatasource(manifest, shards, s3), override_num_blocks=max(1, len(shards)),
+                                    runtime_env=runtime_env)
 
 
 __all__ = [

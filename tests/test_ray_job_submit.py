@@ -1,0 +1,129 @@
+"""``ray job submit`` against a real ``ray start --head`` cluster started (and stopped) here.
+
+The job's driver runs ``clip-etl`` from the submitted working directory, connects to the
+cluster through ``RAY_ADDRESS`` (set by the job server) instead of starting its own Ray, and the
+submission ends SUCCEEDED with ``_SUCCESS`` written.
+
+Teardown stops only this test's cluster (its process group, then any process still pointing at
+its private temp dir) rather than ``ray stop``, which would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline_fixtures import VENV_BIN, cli_env, copy_conf, free_port, read_results, tiny_checkpoint, wait_for
+from pipeline_fixtures import write_images, write_manifest
+
+pytestmark = pytest.mark.e2e
+RAY = str(VENV_BIN / "ray")
+
+
+def _pids_using(marker: str) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmd and int(entry) != os.getpid():
+            out.append(int(entry))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ports = {name: free_port() for name in ("port", "dashboard-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "node-manager-port", "object-manager-port",
+                                            "runtime-env-agent-port")}
+    args = [RAY, "start", "--head", "--block", "--num-cpus=2", "--object-store-memory=200000000",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}"] + [f"--{k}={v}" for k, v in ports.items()]
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+
+    def job_server_up() -> bool:
+        if proc.poll() is not None:
+            return True
+        r = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, env=cli_env(), timeout=60)
+        return r.returncode == 0
+
+    try:
+        ok = wait_for(job_server_up, timeout=240, interval=2)
+        if proc.poll() is not None or not ok:
+            log.flush()
+            pytest.fail("ray start --head did not come up:\n" + Path(temp_dir, "head.log").read_text()[-3000:])
+        yield {"address": address, "temp_dir": temp_dir}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            if wait_for(lambda: proc.poll() is not None, timeout=20, interval=0.5):
+                break
+        for pid in _pids_using(temp_dir):  # daemons that left the process group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_pipeline(ray_cluster, tiny_checkpoint, tmp_path):
+    work = copy_conf(tmp_path / "work")
+    data = work / "data"
+    paths = write_images(data / "images", 10)
+    write_manifest(data / "manifest.parquet", {"image": [f"images/{p.name}" for p in paths],
+                                               "text": [f"text {i}" for i in range(10)]})
+    shutil.copy(tiny_checkpoint, data / "tiny.safetensors")
+    out = tmp_path / "out"
+    submission = f"clip-etl-test-{uuid.uuid4().hex[:8]}"
+    cmd = [RAY, "job", "submit", "--address", ray_cluster["address"], "--working-dir", str(work),
+           "--submission-id", submission, "--",
+           "clip-etl", "run", "-c", "conf/pipeline.yaml", "input.path=data/manifest.parquet",
+           f"output.path={out}", "model.checkpoint=data/tiny.safetensors", "model.precision=fp32",
+           "output.shard_size=4", "embed.batch_size=4", "label.classes=[red, blue]", "index.enabled=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=500)
+    logs = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, logs
+    assert "SUCCEEDED" in logs
+    status = subprocess.run([RAY, "job", "status", "--address", ray_cluster["address"], submission],
+                            capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    assert (out / "_SUCCESS").exists()
+    table = read_results(out)
+    assert table.num_rows == 10 and set(table.column("status").to_pylist()) == {"ok"}
+    record = json.loads((out / "_run.json").read_text())
+    assert record["ray"]["mode"] == "cluster"  # connected through RAY_ADDRESS, no embedded Ray
+    assert record["counts"]["rows_out"] == 10
+
+
+def test_ray_job_submit_failure_is_not_succeeded(ray_cluster, tmp_path):
+    """A job-level failure ends the submission FAILED with the one-line reason in its logs."""
+    work = copy_conf(tmp_path / "work")
+    cmd = [RAY, "job", "submit", "--address", ray_cluster["address"], "--working-dir", str(work), "--",
+           "clip-etl", "run", "-c", "conf/pipeline.yaml", "input.path=data/none.parquet",
+           f"output.path={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0, logs[-3000:]
+    assert "clip-etl: error: manifest not found" in logs
+    assert "FAILED" in logs

@@ -1,0 +1,99 @@
+"""S3 in and out, over the real S3 protocol: a moto server on loopback holds the manifest, the
+images and the class list, and receives the results."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline_fixtures import *  # noqa: F403 (fixtures)
+from pipeline_fixtures import cosine_rows, embeddings, image_bytes, make_image, s3_client, s3_overrides
+from pipelines import cli
+from pipelines import io as pio
+
+pytestmark = pytest.mark.e2e
+N = 12
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket="data")
+    client.create_bucket(Bucket="results")
+    blobs = {}
+    for i in range(N):
+        key = f"in/images/{i:02d}.png"
+        blobs[i] = image_bytes(make_image(50 + i), "PNG")
+        client.put_object(Bucket="data", Key=key, Body=blobs[i])
+    # absolute s3:// URIs, paths relative to the manifest, and one missing object
+    images = [f"s3://data/in/images/{i:02d}.png" if i % 2 else f"images/{i:02d}.png" for i in range(N)]
+    images[-1] = "s3://data/in/images/nope.png"
+    table = pa.table({"id": list(range(N)), "image": images, "text": [f"text {i}" for i in range(N)]})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    client.put_object(Bucket="data", Key="in/manifest.parquet", Body=sink.getvalue())
+    client.put_object(Bucket="data", Key="classes.txt", Body=b"# shapes\nred square\nblue circle\n\ngreen star\n")
+    return {"client": client, "endpoint": s3_server, "blobs": blobs}
+
+
+def test_io_roundtrip_against_s3(bucket):
+    opts = pio.S3Options(endpoint_url=bucket["endpoint"], access_key_id="testing", secret_access_key="testing",
+                         region="us-east-1")
+    pio.write_json_atomic("s3://results/t/x.json", {"a": 1}, opts)
+    assert pio.read_json("s3://results/t/x.json", opts) == {"a": 1}
+    assert pio.list_files("s3://data/in", suffix=".parquet", s3=opts) == ["s3://data/in/manifest.parquet"]
+    assert pio.parquet_metadata("s3://data/in/manifest.parquet", opts)[0] == N
+    t = pio.read_parquet_rows("s3://data/in/manifest.parquet", 3, 7, ["id"], opts)
+    assert t.column("id").to_pylist() == [3, 4, 5, 6]
+
+
+def test_s3_manifest_images_and_output(ray_local, bucket, tiny_checkpoint, tiny_encoder):
+    from clip_core.preprocess import load_image
+
+    rc = cli.main(["run", "input.path=s3://data/in/manifest.parquet", "output.path=s3://results/job",
+                   f"model.checkpoint={tiny_checkpoint}", "model.precision=fp32", "output.shard_size=5",
+                   "embed.batch_size=4", "label.classes=s3://data/classes.txt", "index.enabled=false",
+                   *s3_overrides(bucket["endpoint"])])
+    assert rc == 0
+    client = bucket["client"]
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="results", Prefix="job/")["Contents"])
+    assert keys == ["job/_SUCCESS", "job/_plan.json", "job/_run.json", "job/results/part-00000.parquet",
+                    "job/results/part-00001.parquet", "job/results/part-00002.parquet"]
+    parts = [pq.read_table(io.BytesIO(client.get_object(Bucket="results", Key=k)["Body"].read()))
+             for k in keys if k.endswith(".parquet")]
+    table = pa.concat_tables(parts)
+    assert table.column("id").to_pylist() == list(range(N))
+    status = table.column("status").to_pylist()
+    assert status == ["ok"] * (N - 1) + ["error"]
+    assert table.column("error")[N - 1].as_py().startswith("image.missing_file: no such file: s3://data/in/images/nope.png")
+    direct = tiny_encoder.encode_images(torch.stack(
+        [tiny_encoder.preprocess(load_image(bucket["blobs"][i])) for i in range(N - 1)]))
+    got = embeddings(table.slice(0, N - 1), "image_embedding")
+    assert cosine_rows(got, direct).min() >= 0.9999
+    assert set(table.column("label").to_pylist()[: N - 1]) <= {"red square", "blue circle", "green star"}
+    record = json.loads(client.get_object(Bucket="results", Key="job/_run.json")["Body"].read())
+    assert record["counts"]["errors_by_cause"] == {"image.missing_file": 1}
+
+    # the finished output on S3 is recognised on re-run: nothing is rewritten
+    before = {k: client.head_object(Bucket="results", Key=k)["ETag"] for k in keys if k.endswith(".parquet")}
+    rc = cli.main(["run", "input.path=s3://data/in/manifest.parquet", "output.path=s3://results/job",
+                   f"model.checkpoint={tiny_checkpoint}", "model.precision=fp32", "output.shard_size=5",
+                   "embed.batch_size=4", "label.classes=s3://data/classes.txt", "index.enabled=false",
+                   *s3_overrides(bucket["endpoint"])])
+    assert rc == 0
+    after = {k: client.head_object(Bucket="results", Key=k)["ETag"] for k in before}
+    assert before == after
+
+
+def test_s3_errors_are_one_line(bucket, tiny_checkpoint, capsys):
+    rc = cli.main(["run", "input.path=s3://data/in/missing.parquet", "output.path=s3://results/x",
+                   f"model.checkpoint={tiny_checkpoint}", *s3_overrides(bucket["endpoint"])])
+    assert rc == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("clip-etl: error:")]
+    assert len(err) == 1 and "s3://data/in/missing.parquet" in err[0]
