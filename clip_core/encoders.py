@@ -29,8 +29,7 @@ onnxruntime's, so several actors on one node never oversubscribe it.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import math
 import os
 import sys
@@ -252,6 +251,9 @@ class Encoder:
             raise EncoderError(f"token ids must be [N, L], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise EncoderError(f"token ids have length {tokens.shape[1]} > context_length {self.context_length}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.text.vocab_size):
+            raise EncoderError(f"token ids must lie in [0, {self.config.text.vocab_size}), "
+                               f"got {int(tokens.min())}..{int(tokens.max())}")
         return tokens.to(torch.long)
 
     def text_lengths(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -535,26 +537,24 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
     name = "<in-memory model>" if isinstance(source, CLIP) else str(source)
 
     folder: Path | None = None
-    keep_alive = None
+    doc: dict[str, Any] | None = None
     if not isinstance(source, CLIP) and is_export_dir(source):
         folder = Path(os.path.expanduser(str(source)))
         doc = read_export_config(folder)
         if backend not in (doc["backend"], "torch"):
             raise EncoderError(f"{folder} holds a {doc['backend']!r} export; it cannot run as backend {backend!r}")
         backend = doc["backend"]
-    elif backend == "torch":
-        doc = None
-    else:
-        model = source if isinstance(source, CLIP) else load_model(source)
-        folder, keep_alive = _export_for(model, name, model_fingerprint(model), backend)
-        doc = read_export_config(folder)
-
+    # Settle device and precision before any slow work (loading, exporting) so a bad request fails fast.
     device = resolve_device(device, backend)
     precision = resolve_precision(precision, backend, device)
     common: dict[str, Any] = {"name": name, "backend": backend, "precision": precision, "num_threads": threads}
 
-    if doc is None:
-        model = source if isinstance(source, CLIP) else load_model(source)
+    if backend == "torch":
+        if isinstance(source, CLIP):
+            # fp16 conversion and device moves happen in place: leave the caller's model as it was.
+            model = copy.deepcopy(source) if (precision == "fp16" or device != "cpu") else source
+        else:
+            model = load_model(source)
         return TorchEncoder(
             model, device=device,
             logit_scale=float(model.logit_scale.detach().float().exp()),
@@ -563,6 +563,13 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
             tokenizer=_tokenizer_for(None, None), **common,
         )
 
+    keep_alive = None
+    if doc is None:
+        model = source if isinstance(source, CLIP) else load_model(source)
+        folder, keep_alive = _export_for(model, name, model_fingerprint(model), backend)
+        doc = read_export_config(folder)
+        del model  # the runtime reads the graphs; the torch weights are no longer needed
+    assert folder is not None
     pre = doc["preprocess"]
     kw = dict(device=device, logit_scale=doc["logit_scale"], fingerprint=doc["fingerprint"],
               preprocess=image_transform(pre["image_size"], pre["mean"], pre["std"]),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import glob
 import hashlib
 import json
@@ -158,28 +159,54 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, input_nam
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings are noise here
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: dynamic_axes, output_name: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: dynamic_axes, output_name: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except Exception as e:  # the exporter raises many types; say which tower and why
+            raise ExportError(f"ONNX export of {path.stem} tower failed (opset {opset}): {type(e).__name__}: {e}") from e
+    _consolidate_external_data(path)
     _check_onnx(path)
 
 
-def _check_onnx(path: Path) -> None:
-    """Run the ONNX checker (by path, so graphs with external data are checked too); large graphs move their weights out."""
+def _graph_bytes(path: Path) -> int:
+    """Size of a graph with its side file, if any (what decides whether protobuf can hold it)."""
+    return sum(f.stat().st_size for f in _onnx_files(path))
+
+
+def _consolidate_external_data(path: Path) -> None:
+    """Keep graphs over protobuf's 2 GB limit valid and tidy: all weights in one ``NAME.data`` file.
+
+    The exporter writes a graph that large with one file per tensor; those are merged here. Graphs
+    under the limit are left as single files.
+    """
     import onnx
 
-    if path.stat().st_size > EXTERNAL_DATA_THRESHOLD:
-        proto = onnx.load(str(path))
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+    proto = onnx.load(str(path), load_external_data=False)
+    scattered = {entry.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    if not scattered and path.stat().st_size <= EXTERNAL_DATA_THRESHOLD:
+        return
+    side = path.name + ".data"
+    proto = onnx.load(str(path))  # with every tensor's data
+    for name in scattered - {side}:
+        (path.parent / name).unlink(missing_ok=True)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=side, size_threshold=1024)
+
+
+def _check_onnx(path: Path) -> None:
+    """Run the ONNX checker by path, so graphs with external data are checked too."""
+    import onnx
+
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as e:  # onnx raises ValidationError and friends
@@ -190,7 +217,6 @@ def export_onnx_graphs(model: CLIP, out: Path, opset: int = DEFAULT_OPSET) -> di
     """Write ``image.onnx`` and ``text.onnx`` (fp32) into ``out``; returns the graph file names."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization and SDPA need opset >= 17")
-    model = model.float().eval()
     _onnx_export(ImageTower(model).eval(), _example_pixels(model.config), out / "image.onnx",
                  IMAGE_INPUT, IMAGE_OUTPUT, {0: "batch"}, opset)
     _onnx_export(TextTower(model).eval(), _example_tokens(model.config), out / "text.onnx",
@@ -232,6 +258,7 @@ def quantize_dynamic_graph(src: Path, dst: Path, weight_type: str = "qint8") -> 
     qtype = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[weight_type]
     with _quiet_quantizer():
         _quantize_dynamic(quantize_dynamic, qtype, src, dst)
+    _consolidate_external_data(dst)
     _check_onnx(dst)
 
 
@@ -241,7 +268,7 @@ def _quantize_dynamic(quantize_dynamic, qtype, src: Path, dst: Path) -> None:
         op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=True,
         weight_type=qtype,
-        use_external_data_format=src.stat().st_size > EXTERNAL_DATA_THRESHOLD,
+        use_external_data_format=_graph_bytes(src) > EXTERNAL_DATA_THRESHOLD,
         extra_options={"MatMulConstBOnly": True},  # activation x activation products (attention) stay fp32
     )
 
@@ -272,9 +299,10 @@ def quantize_static_image_graph(src: Path, dst: Path, batches: Sequence[torch.Te
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=src.stat().st_size > EXTERNAL_DATA_THRESHOLD,
+            use_external_data_format=_graph_bytes(src) > EXTERNAL_DATA_THRESHOLD,
             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False},
         )
+    _consolidate_external_data(dst)
     _check_onnx(dst)
 
 
@@ -324,7 +352,6 @@ def export_torchscript_graphs(model: CLIP, out: Path) -> dict[str, str]:
     """
     import warnings
 
-    model = model.float().eval()
     image_tower, text_tower = ImageTower(model).eval(), TextTower(model).eval()
     pixels, tokens = _example_pixels(model.config), _example_tokens(model.config)
     with warnings.catch_warnings(), torch.no_grad():
@@ -424,6 +451,11 @@ def export_model(model: CLIP, out: str | os.PathLike, fmt: str = "onnx", *, sour
     if source_fingerprint is None:
         say("fingerprinting weights")
         source_fingerprint = model_fingerprint(model)
+    # Graphs are traced in fp32 and eval mode; the caller's model is left as it was.
+    original, was_training = model, model.training
+    if model.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+    model.eval()
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -479,6 +511,8 @@ def export_model(model: CLIP, out: str | os.PathLike, fmt: str = "onnx", *, sour
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        original.train(was_training)
     say(f"wrote {out} ({_dir_size(out) / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
     return out
 

@@ -100,7 +100,8 @@ def fetch_image_bytes(value: Any, manifest_dir: str, opts: DecodeOptions) -> tup
             fs = pio.fsspec_filesystem(path, opts.s3)
             key = pio.strip_scheme(path)
             try:
-                data = fs.cat_file(key)
+                # a ranged GET: an oversized object costs at most the limit, and no extra HEAD
+                data = fs.cat_file(key, start=0, end=opts.max_image_bytes + 1)
             except (FileNotFoundError, IsADirectoryError):
                 if fs.isdir(key):
                     raise RowError("not_a_file", f"is a directory: {path}") from None

@@ -14,7 +14,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import fsspec

@@ -19,7 +19,6 @@ are processed, and ``_SUCCESS`` is written only when every shard is committed.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import platform
@@ -53,42 +52,50 @@ def _sha(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # Driver-side preparation
 # --------------------------------------------------------------------------------------------
-def _read_text_spec(spec: Any, s3: pio.S3Options) -> Any:
-    """``s3://`` list files are fetched to a temporary local file so clip_core can parse them."""
-    if isinstance(spec, str) and pio.is_s3(spec):
-        import os
-        import tempfile
+def _with_local_copy(spec: Any, s3: pio.S3Options, parse: Callable[[Any], Any]) -> Any:
+    """Run ``parse`` on ``spec``; an ``s3://`` file is first copied to a temporary local file
+    (clip_core parses local files only) that is removed afterwards."""
+    if not (isinstance(spec, str) and pio.is_s3(spec)):
+        return parse(spec)
+    import os
+    import tempfile
 
-        data = pio.read_bytes(spec, s3)
-        suffix = os.path.splitext(spec)[1] or ".txt"
-        fd, path = tempfile.mkstemp(suffix=suffix, prefix="clip-etl-")
+    data = pio.read_bytes(spec, s3)
+    suffix = os.path.splitext(spec)[1] or ".txt"
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="clip-etl-")
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return path
-    return spec
+        return parse(path)
+    finally:
+        os.unlink(path)
+
+
+def _spec_error(key: str, spec: Any, e: Exception) -> JobError:
+    if isinstance(e, FileNotFoundError):
+        return JobError(f"{key}: file not found: {spec}")
+    return JobError(f"{key}: {e}")
 
 
 def resolve_label_spec(cfg: PipelineConfig, s3: pio.S3Options):
+    """Class names and templates, resolved on the driver and shipped to the actors as lists."""
     from clip_core.prompts import resolve_classes, resolve_templates
 
     from .label import LabelSpec
 
     try:
-        classes = resolve_classes(_read_text_spec(cfg.label.classes, s3))
-    except FileNotFoundError as e:
-        raise JobError(f"label.classes: file not found: {cfg.label.classes}") from e
+        classes = _with_local_copy(cfg.label.classes, s3, resolve_classes)
     except Exception as e:
-        raise JobError(f"label.classes: {e}") from e
+        raise _spec_error("label.classes", cfg.label.classes, e) from e
     try:
-        templates = resolve_templates(_read_text_spec(cfg.label.templates, s3))
-    except FileNotFoundError as e:
-        raise JobError(f"label.templates: file not found: {cfg.label.templates}") from e
+        templates = _with_local_copy(cfg.label.templates, s3, resolve_templates)
     except Exception as e:
-        raise JobError(f"label.templates: {e}") from e
+        raise _spec_error("label.templates", cfg.label.templates, e) from e
     return LabelSpec(classes=classes, templates=templates, top_k=cfg.label.top_k)
 
 
 def resolve_caption_vocabulary(cfg: PipelineConfig, s3: pio.S3Options) -> dict:
+    """The caption vocabulary as a validated mapping (shipped to the actors)."""
     from clip_core.captions import CaptionSpec
 
     voc = cfg.caption.vocabulary
@@ -98,11 +105,9 @@ def resolve_caption_vocabulary(cfg: PipelineConfig, s3: pio.S3Options) -> dict:
         elif isinstance(voc, dict):
             spec = CaptionSpec.from_dict(voc)
         else:
-            spec = CaptionSpec.from_yaml(_read_text_spec(voc, s3))
-    except FileNotFoundError as e:
-        raise JobError(f"caption.vocabulary: file not found: {voc}") from e
+            spec = _with_local_copy(voc, s3, CaptionSpec.from_yaml)
     except Exception as e:
-        raise JobError(f"caption.vocabulary: {e}") from e
+        raise _spec_error("caption.vocabulary", voc, e) from e
     return spec.to_dict()
 
 
@@ -110,8 +115,7 @@ def load_driver_encoder(cfg: PipelineConfig, s3: pio.S3Options):
     """Load the model once on the driver (CPU): fail fast, and learn what the stages need."""
     from .embed import ModelSpec, load_job_encoder
 
-    spec = ModelSpec(cfg.model.checkpoint, cfg.model.backend, "auto" if cfg.model.precision == "auto" else cfg.model.precision,
-                     device="cpu", num_threads=None, s3=s3)
+    spec = ModelSpec(cfg.model.checkpoint, cfg.model.backend, cfg.model.precision, device="cpu", s3=s3)
     try:
         return load_job_encoder(spec)
     except ImportError as e:
@@ -131,6 +135,15 @@ def encoder_tokenizer(encoder: Any):
     from clip_core.tokenizer import get_default_tokenizer
 
     return get_default_tokenizer()
+
+
+def redacted_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved config for ``_run.json``, without S3 credentials."""
+    data = cfg.to_dict()
+    for key in ("access_key_id", "secret_access_key"):
+        if data["s3"].get(key):
+            data["s3"][key] = "<redacted>"
+    return data
 
 
 def versions() -> dict[str, str]:
@@ -228,14 +241,15 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
         old_plan = pio.read_json(plan_path, s3) if pio.exists(plan_path, s3) else None
     except Exception as e:
         raise JobError(f"cannot read {plan_path}: {e}") from e
-    if old_plan is not None:
-        why = diff_plans(old_plan, plan)
+    why = diff_plans(old_plan, plan) if old_plan is not None else None
+    if why and _has_parts(results_dir, s3):
+        raise JobError(
+            f"output {out} was started with a different plan ({why}); use a new output.path, "
+            "or delete the old output to start over"
+        )
+    if old_plan is None or why:
         if why:
-            raise JobError(
-                f"output {out} was started with a different plan ({why}); use a new output.path, "
-                "or delete the old output to start over"
-            )
-    else:
+            log(f"[clip-etl] replacing the plan of an output with no results yet ({why})")
         pio.write_json_atomic(plan_path, plan, s3)
 
     from .writer import (
@@ -282,26 +296,30 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
     if counts["rows_out"] != planned_rows:
         raise JobError(f"results hold {counts['rows_out']} rows but the manifest plan has {planned_rows}")
 
-    index_summary = None
-    if need_index:
-        t0 = time.perf_counter()
-        index_summary = _build_index(cfg, results_dir, index_dir, s3, model_info, log)
-        timings["index_s"] = round(time.perf_counter() - t0, 3)
-    elif cfg.index.enabled:
-        index_summary = {"skipped": "index is up to date"}
-    timings["total_s"] = round(time.perf_counter() - t_start, 3)
     actor_models = ray_info.get("actor_models") or []
     if len(actor_models) == 1:
         # the model that produced this run's embeddings (device/precision resolved on the actors)
         model_info = {**model_info, **actor_models[0], "checked_on_driver": {
             k: model_info.get(k) for k in ("fingerprint", "device", "precision")}}
 
+    index_summary = None
+    if need_index and counts["rows_out"] == 0:
+        notes.append("index skipped: the results are empty")
+        index_summary = {"skipped": "the results are empty"}
+    elif need_index:
+        t0 = time.perf_counter()
+        index_summary = _build_index(cfg, results_dir, index_dir, s3, model_info, log)
+        timings["index_s"] = round(time.perf_counter() - t0, 3)
+    elif cfg.index.enabled:
+        index_summary = {"skipped": "index is up to date"}
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+
     record = {
         "job": job,
         "status": "succeeded",
         "started_at": started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "config": cfg.to_dict(),
+        "config": redacted_config(cfg),
         "versions": versions(),
         "model": model_info,
         "stages": {"images": do_images, "texts": do_texts, "label": do_label, "caption": do_caption,
@@ -320,6 +338,13 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
         f"{timings['total_s']:.1f}s -> {out}"
     )
     return record
+
+
+def _has_parts(results_dir: str, s3: pio.S3Options) -> bool:
+    try:
+        return bool(pio.list_files(results_dir, suffix=".parquet", s3=s3))
+    except FileNotFoundError:
+        return False
 
 
 def _model_info(encoder: Any) -> dict[str, Any]:

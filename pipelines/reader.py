@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -384,9 +384,7 @@ def read_shard(
         typ = schema.field(c).type
         if c in table.column_names:
             col = table.column(c)
-            if pa.types.is_dictionary(col.type) and not pa.types.is_dictionary(typ):
-                col = col.cast(typ)
-            elif col.type != typ:
+            if col.type != typ:
                 col = col.cast(typ)
         else:
             col = pa.nulls(n, typ)

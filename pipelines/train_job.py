@@ -213,6 +213,12 @@ def _fit_local(model, data: TrainData, cfg, augment: bool, prompts) -> dict[str,
 # ----------------------------------------------------------------------------- Ray Train
 
 
+def _stdout_line(message: str) -> None:
+    """Write progress straight to stdout: Ray Train's patched ``print`` would log each line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def _ray_train_loop(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: same model init and loop; rank 0 reports the weights."""
     import ray.train
@@ -232,7 +238,7 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
                            context_length=model.context_length, augment=config["augment"])
     rank = ray.train.get_context().get_world_rank()
     eval_fn = make_eval_fn(model, data.eval_sets, config["prompts"]) if rank == 0 else None
-    history = train(model, dataset, cfg, eval_fn=eval_fn)
+    history = train(model, dataset, cfg, eval_fn=eval_fn, log_fn=_stdout_line)
     metrics = {"history": json.dumps(history)}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:

@@ -114,6 +114,21 @@ def test_bad_inputs_are_clear_errors(tiny_model):
         enc.encode_texts(torch.zeros(1, 5))
     with pytest.raises(EncoderError, match="context_length"):
         enc.encode_texts(torch.zeros(1, 78, dtype=torch.long))
+    with pytest.raises(EncoderError, match=r"must lie in \[0, 49408\)"):
+        enc.encode_texts(torch.tensor([[49406, 60000, 49407]]))
+
+
+def test_bad_requests_fail_before_any_export(tiny_ckpt, monkeypatch):
+    import clip_core.export as export_mod
+
+    def must_not_export(*a, **k):
+        raise AssertionError("exported before checking the request")
+
+    monkeypatch.setattr(export_mod, "export_model", must_not_export)
+    with pytest.raises(EncoderError, match="runs at fp32 only"):
+        load_encoder(tiny_ckpt, "onnx", "bf16")
+    with pytest.raises(EncoderError, match="runs at int8 only"):
+        load_encoder(tiny_ckpt, "onnx-int8", "fp32")
 
 
 def test_numpy_and_list_pixels(tiny_model):

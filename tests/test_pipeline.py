@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline_fixtures import *  # noqa: F403 (fixtures)
+from pipeline_fixtures import ray_local, tiny_checkpoint, tiny_encoder  # noqa: F401 (fixtures)
 from pipeline_fixtures import (
     CLASSES,
     cosine_rows,

@@ -7,7 +7,6 @@ says why (``image.<cause>`` / ``text.<cause>`` / ``row.no_input``).
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_fixtures import *  # noqa: F403 (fixtures)
+from pipeline_fixtures import ray_local, tiny_checkpoint, tiny_encoder  # noqa: F401 (fixtures)
 from pipeline_fixtures import image_bytes, make_image, read_results, write_manifest
 from pipelines import cli
 

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from pipeline_fixtures import (
     image_bytes,
     kill_group,
     read_results,
-    tiny_checkpoint,
+    tiny_checkpoint,  # noqa: F401 (fixture)
     wait_for,
     write_manifest,
 )

@@ -6,13 +6,12 @@ from __future__ import annotations
 import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline_fixtures import *  # noqa: F403 (fixtures)
+from pipeline_fixtures import ray_local, s3_server, tiny_checkpoint, tiny_encoder  # noqa: F401 (fixtures)
 from pipeline_fixtures import cosine_rows, embeddings, image_bytes, make_image, s3_client, s3_overrides
 from pipelines import cli
 from pipelines import io as pio
@@ -79,6 +78,7 @@ def test_s3_manifest_images_and_output(ray_local, bucket, tiny_checkpoint, tiny_
     assert set(table.column("label").to_pylist()[: N - 1]) <= {"red square", "blue circle", "green star"}
     record = json.loads(client.get_object(Bucket="results", Key="job/_run.json")["Body"].read())
     assert record["counts"]["errors_by_cause"] == {"image.missing_file": 1}
+    assert record["config"]["s3"]["secret_access_key"] == "<redacted>"  # no credentials in outputs
 
     # the finished output on S3 is recognised on re-run: nothing is rewritten
     before = {k: client.head_object(Bucket="results", Key=k)["ETag"] for k in keys if k.endswith(".parquet")}
