@@ -96,16 +96,17 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def timed_rounds(cands: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def timed_rounds(cands: dict[str, Callable[[], object]], rounds: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call; one call of every candidate per round (after one warm-up call each)."""
     times: dict[str, list[float]] = {k: [] for k in cands}
     for f in cands.values():
         f()
     for _ in range(rounds):
         for name, f in cands.items():
-            start = time.perf_counter()
+            start = clock()
             f()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="images and texts per batch (default 32; 8 quick)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate (default 5; 2 quick)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for every candidate (default: all given)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (default); cpu: this process's CPU time, which on a machine shared "
+                         "with other jobs measures the work itself (use with --threads 1)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -140,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or (8 if args.quick else 32)
     rounds = args.rounds or (2 if args.quick else 5)
     threads = resolve_num_threads(args.threads)
+    if args.clock == "cpu" and threads != 1:
+        ap.error("--clock cpu needs --threads 1 (idle threads spinning would count as work)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     load_before = _loadavg()
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = create_model(preset).eval()
     baseline = hf_baseline(model)
-    print(f"machine: {cpu_name()}, {threads} thread(s), native bf16: {cpu_has_native_bf16()}, "
+    print(f"machine: {cpu_name()}, {threads} thread(s), {args.clock} clock, native bf16: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}, load average before: {load_before}", flush=True)
 
     work = tempfile.TemporaryDirectory(prefix="clip-etl-bench-")
@@ -188,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             img[name] = lambda enc=enc: enc.encode_images(pixels)
             txt[name] = lambda enc=enc: enc.encode_texts(tokens)
-        t_img = timed_rounds(img, rounds)
-        t_txt = timed_rounds(txt, rounds)
+        t_img = timed_rounds(img, rounds, clock)
+        t_txt = timed_rounds(txt, rounds, clock)
         if slow_bf16:
             bf = encoders["torch bf16"]
-            t_img["torch bf16"] = timed_rounds({"x": lambda: bf.encode_images(pixels[:bf16_n])}, 1)["x"] * batch / bf16_n
-            t_txt["torch bf16"] = timed_rounds({"x": lambda: bf.encode_texts(tokens[:bf16_n])}, 1)["x"] * batch / bf16_n
+            scale = batch / bf16_n
+            t_img["torch bf16"] = timed_rounds({"x": lambda: bf.encode_images(pixels[:bf16_n])}, 1, clock)["x"] * scale
+            t_txt["torch bf16"] = timed_rounds({"x": lambda: bf.encode_texts(tokens[:bf16_n])}, 1, clock)["x"] * scale
 
         base = {"images": t_img["baseline transformers fp32"], "texts": t_txt["baseline transformers fp32"]}
         for kind, timing, reference, inputs in (("images", t_img, ref_img, pixels), ("texts", t_txt, ref_txt, tokens)):
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"best_{kind}"] = best
     print(f"load average after: {_loadavg()}")
     if args.json:
-        results.update(machine=cpu_name(), threads=threads, model=preset, batch=batch, rounds=rounds,
+        results.update(machine=cpu_name(), threads=threads, clock=args.clock, model=preset, batch=batch, rounds=rounds,
                        load_before=load_before, load_after=_loadavg())
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     work.cleanup()

@@ -110,6 +110,18 @@ class CaptionSpec:
         return cls(OrderedDict(data["categories"]), **kwargs)
 
     @classmethod
+    def named(cls, name: str) -> "CaptionSpec":
+        """A bundled vocabulary: ``"seed"`` (the default) or ``"demo"`` (the demo model's words)."""
+        key = name.strip().lower()
+        if key in ("seed", "default"):
+            return cls.default()
+        if key == "demo":
+            from .prompts import demo_prompts
+
+            return cls.from_dict(demo_prompts()["caption"])
+        raise CaptionSpecError(f"unknown caption vocabulary {name!r}; use 'seed', 'demo', a mapping or a YAML file")
+
+    @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "CaptionSpec":
         """Read a YAML file holding the :meth:`from_dict` mapping."""
         import yaml  # optional dependency, only needed here

@@ -185,6 +185,14 @@ def _as_path(spec: object) -> Path | None:
     return None
 
 
+def demo_prompts() -> dict:
+    """The bundled demo model's prompt set: ``classes``, ``templates`` and a ``caption`` vocabulary."""
+    path = Path(__file__).parent / "assets" / "demo_prompts.json"
+    if not path.is_file():
+        raise PromptError(f"the demo prompt set is missing from the package: {path}")
+    return json.loads(path.read_text())
+
+
 def resolve_templates(spec: TemplateSpec = None) -> list[str]:
     """Templates from a spec: ``None``/``"seed"`` (the 9 seed templates), ``"imagenet"``/
     ``"openai-imagenet"`` (80), an OpenAI dataset name, a list of strings, or a path to a text
@@ -195,6 +203,8 @@ def resolve_templates(spec: TemplateSpec = None) -> list[str]:
         name = str(spec).strip().lower() if isinstance(spec, str) else ""
         if name == "seed":
             return list(SEED_TEMPLATES)
+        if name == "demo":
+            return validate_templates(demo_prompts()["templates"], source="demo prompts")
         if name in ("imagenet", "openai-imagenet"):
             return imagenet_templates()
         if isinstance(spec, str) and _find_dataset(spec) is not None:
@@ -241,6 +251,8 @@ def resolve_classes(spec: ClassSpec) -> list[str]:
             name = spec.strip().lower()
             if name in ("imagenet", "openai-imagenet"):
                 return imagenet_classes()
+            if name == "demo":
+                return _validate_classes(demo_prompts()["classes"], source="demo prompts")
             if _find_dataset(spec) is not None:
                 return openai_dataset_prompts(spec)[0]
         path = _as_path(spec)

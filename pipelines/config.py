@@ -13,6 +13,7 @@ field annotated as a string keeps the raw text (``model.checkpoint=123`` is the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -131,10 +132,11 @@ class LabelConfig:
     # Run the label stage (adds label, label_score, labels_topk, scores_topk).
     enabled: bool = True
     # Class names: an inline list, a text file with one class per line (local or s3://),
-    # "imagenet", or a dataset name from OpenAI's prompt file (e.g. "CIFAR10").
-    classes: Union[str, list[str]] = "imagenet"
-    # Prompt templates with one {}: null or "seed" (9 templates), "imagenet" (80), a list, or a
-    # file with one template per line.
+    # "imagenet", "demo" (the demo model's shape classes), or a dataset name from OpenAI's prompt
+    # file (e.g. "CIFAR10"). "auto": "demo" with the demo checkpoint, "imagenet" otherwise.
+    classes: Union[str, list[str]] = "auto"
+    # Prompt templates with one {}: null (auto: "demo" with the demo checkpoint, else "seed"),
+    # "seed" (9 templates), "imagenet" (80), "demo", a list, or a file with one template per line.
     templates: Optional[Union[str, list[str]]] = None
     # How many classes labels_topk / scores_topk keep.
     top_k: int = 5
@@ -146,7 +148,8 @@ class CaptionConfig:
 
     # Run the caption stage (adds caption).
     enabled: bool = True
-    # Caption vocabulary: null (the built-in object/scene/action/attribute set), a YAML file
+    # Caption vocabulary: null (auto: "demo" with the demo checkpoint, else "seed"), "seed" (the
+    # seed's object/scene/action/attribute set), "demo" (shape words), a YAML file
     # (local or s3://), or an inline mapping {categories: {name: {templates, words}}, threshold,
     # joiner, fallback}.
     vocabulary: Optional[Union[str, dict]] = None
@@ -410,9 +413,10 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Defaults <- YAML file <- dotted overrides, validated; see the module docstring."""
-    data: dict = read_yaml(os.fspath(path)) if path else {}
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> PipelineConfig:
+    """Defaults <- YAML file (or ``base``, a mapping of the same shape) <- dotted overrides, validated."""
+    data: dict = read_yaml(os.fspath(path)) if path else copy.deepcopy(base or {})
     for text in overrides:
         key, value = parse_override(text)
         data = _merge(data, _nest(key, value))

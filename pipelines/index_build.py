@@ -24,6 +24,7 @@ which the memory budget allowed. See ``docs/index.md`` for the formula.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -831,6 +832,7 @@ def build_index(
         "queries": n_queries,
         "seed": SEED,
     }
+    plan = json.loads(json.dumps(plan))  # the form it has when read back from plan.json
     plan_path = io.join(build_dir, PLAN_FILE)
     index_json = io.join(output_dir, INDEX_JSON)
     old_plan = io.read_json(plan_path, s3) if io.exists(plan_path, s3) else None

@@ -83,12 +83,19 @@ def resolve_label_spec(cfg: PipelineConfig, s3: pio.S3Options):
 
     from .label import LabelSpec
 
+    demo = cfg.model.checkpoint == "demo"
+    class_spec = cfg.label.classes
+    if class_spec == "auto":  # meaningful labels by default: the demo model only knows its shapes
+        class_spec = "demo" if demo else "imagenet"
+    template_spec = cfg.label.templates
+    if template_spec is None:
+        template_spec = "demo" if demo else "seed"
     try:
-        classes = _with_local_copy(cfg.label.classes, s3, resolve_classes)
+        classes = _with_local_copy(class_spec, s3, resolve_classes)
     except Exception as e:
         raise _spec_error("label.classes", cfg.label.classes, e) from e
     try:
-        templates = _with_local_copy(cfg.label.templates, s3, resolve_templates)
+        templates = _with_local_copy(template_spec, s3, resolve_templates)
     except Exception as e:
         raise _spec_error("label.templates", cfg.label.templates, e) from e
     return LabelSpec(classes=classes, templates=templates, top_k=cfg.label.top_k)
@@ -101,7 +108,9 @@ def resolve_caption_vocabulary(cfg: PipelineConfig, s3: pio.S3Options) -> dict:
     voc = cfg.caption.vocabulary
     try:
         if voc is None:
-            spec = CaptionSpec.default()
+            voc = "demo" if cfg.model.checkpoint == "demo" else "seed"
+        if isinstance(voc, str) and voc.strip().lower() in ("seed", "default", "demo"):
+            spec = CaptionSpec.named(voc)
         elif isinstance(voc, dict):
             spec = CaptionSpec.from_dict(voc)
         else:

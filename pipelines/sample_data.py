@@ -209,15 +209,15 @@ def _position_word(x: float, y: float) -> str:
     return " ".join(w for w in (row, col) if w) or "center"
 
 
-def sample_spec(rng: np.random.Generator, shape: str, color: str) -> ShapeSpec:
-    """Random background, texture, size, placement and rotation for a given shape and color."""
+def sample_spec(rng: np.random.Generator, shape: str, color: str, max_rotation: float = 180.0) -> ShapeSpec:
+    """Random background, texture, size, placement and rotation (within +-max_rotation degrees)."""
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     size = SIZES[rng.integers(len(SIZES))]
     radius = rng.uniform(0.14, 0.21) if size == "small" else rng.uniform(0.29, 0.39)
     margin = radius + 0.02
     x, y = rng.uniform(margin, 1 - margin, size=2)
-    rotation = rng.uniform(0, 360)
+    rotation = rng.uniform(-max_rotation, max_rotation)
     return ShapeSpec(shape, color, background, texture, size, _position_word(x, y), (float(x), float(y)),
                      float(radius), float(rotation))
 
@@ -326,6 +326,7 @@ def generate_sample_set(
     image_size: int = 96,
     split_rules: SplitRules = SplitRules(),
     fmt: str = "jpeg",
+    max_rotation: float = 180.0,
     progress: bool = False,
 ) -> Path:
     """Write ``n_images`` captioned images under ``out_dir/images/`` and ``out_dir/manifest.parquet``.
@@ -344,7 +345,7 @@ def generate_sample_set(
     t0 = time.time()
     for i, (split, shape, color) in enumerate(plan):
         rng = np.random.default_rng([seed, i])
-        spec = sample_spec(rng, shape, color)
+        spec = sample_spec(rng, shape, color, max_rotation)
         img = draw(spec, image_size, rng)
         text = caption(rng, spec)
         img_fmt = fmt if fmt != "mixed" else ("png" if rng.random() < 0.5 else "jpeg")
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--image-size", type=int, default=96, help="image side in pixels")
     p.add_argument("--format", dest="fmt", choices=("jpeg", "png", "mixed"), default="jpeg")
+    p.add_argument("--max-rotation", type=float, default=180.0, help="shapes turn by up to +- this many degrees")
     p.add_argument("--val-fraction", type=float, default=SplitRules.val_fraction)
     p.add_argument("--unseen-fraction", type=float, default=None,
                    help="share of images from held-out pairs (default: their natural share, 1/6)")
@@ -400,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     try:
         manifest = generate_sample_set(args.out, args.n, seed=args.seed, image_size=args.image_size,
-                                       split_rules=rules, fmt=args.fmt, progress=True)
+                                       split_rules=rules, fmt=args.fmt,
+                                       max_rotation=args.max_rotation, progress=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The Encoder interface: same numbers as the model, exact text trimming, threads, fingerprints, accuracy of fast paths."""
+"""The Encoder interface: the model's numbers, exact text trimming, threads, fingerprints, fast-path accuracy."""
 
 from __future__ import annotations
 
@@ -265,13 +265,16 @@ def _photo_like(n: int, size: int, seed: int = 0):
         a = rng.uniform(0, 2 * np.pi)
         t = np.cos(a) * xx + np.sin(a) * yy
         t = (t - t.min()) / (np.ptp(t) + 1e-6)
-        img = Image.fromarray((rng.uniform(0, 255, 3) * (1 - t[..., None]) + rng.uniform(0, 255, 3) * t[..., None]).astype(np.uint8))
+        base = rng.uniform(0, 255, 3) * (1 - t[..., None]) + rng.uniform(0, 255, 3) * t[..., None]
+        img = Image.fromarray(base.astype(np.uint8))
         d = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(1, 4))):
             x0, y0 = rng.uniform(0, size * 0.7, 2)
             w = rng.uniform(size * 0.15, size * 0.5)
-            (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x0 + w, y0 + w], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
-        out.append(Image.fromarray(np.clip(np.asarray(img, np.float32) + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)))
+            fill = tuple(int(v) for v in rng.uniform(0, 255, 3))
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x0 + w, y0 + w], fill=fill)
+        noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (size, size, 3))
+        out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
     return out
 
 
@@ -285,7 +288,7 @@ def accuracy_case():
         model = load_model("demo")
         rng = np.random.default_rng(123)
         names = class_names()
-        images, labels = [], []
+        images = []
         for i in range(4 * len(names)):
             color, shape = names[i % len(names)].split(" ")
             images.append(draw(sample_spec(rng, shape, color), 96, rng))
@@ -297,7 +300,8 @@ def accuracy_case():
             "embed_dim": 64, "vision": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "heads": 2},
             "text": {"context_length": 32, "width": 128, "layers": 3, "heads": 2}})).eval()
         images = _photo_like(120, 96)
-        prompts = [f"a photo of a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "star")]
+        colors, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "star")
+        prompts = [f"a photo of a {c} {s}" for c in colors for s in shapes]
         which = "random"
     ref = load_encoder(model, "torch", "fp32")
     px = torch.stack([ref.preprocess(im) for im in images])

@@ -236,3 +236,16 @@ def test_cli_glue(tiny_ckpt, tmp_path, capsys):
     assert len(err_lines) == 1 and "nope.pt" in err_lines[0]
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "demo", "--format", "tflite", "--out", "x"])
+
+
+def test_scattered_external_data_is_merged_into_one_file(exports, tmp_path):
+    """The exporter writes a >2 GB graph with one file per tensor; the directory keeps one side file."""
+    from clip_core.export import _consolidate_external_data
+
+    proto = onnx.load(str(exports["onnx"] / "image.onnx"))
+    path = tmp_path / "image.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(tmp_path.iterdir())) > 3
+    _consolidate_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.onnx", "image.onnx.data"]
+    onnx.checker.check_model(str(path))
