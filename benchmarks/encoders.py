@@ -91,11 +91,6 @@ def hf_baseline(model):
     return hf
 
 
-def _features(out) -> torch.Tensor:
-    """transformers returns a tensor (v4) or an output object whose pooler_output is projected (v5)."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
 def timed_rounds(cands: dict[str, Callable[[], object]], rounds: int,
                  clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call; one call of every candidate per round (after one warm-up call each)."""
