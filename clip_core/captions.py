@@ -118,7 +118,11 @@ class CaptionSpec:
         if key == "demo":
             from .prompts import demo_prompts
 
-            return cls.from_dict(demo_prompts()["caption"])
+            data = demo_prompts()["caption"]
+            if "categories" not in data:  # the asset lists categories directly: {name: {templates, vocabulary}}
+                data = {"categories": {name: {"templates": c["templates"], "words": c.get("words", c.get("vocabulary"))}
+                                       for name, c in data.items()}}
+            return cls.from_dict(data)
         raise CaptionSpecError(f"unknown caption vocabulary {name!r}; use 'seed', 'demo', a mapping or a YAML file")
 
     @classmethod

@@ -209,7 +209,7 @@ def _position_word(x: float, y: float) -> str:
     return " ".join(w for w in (row, col) if w) or "center"
 
 
-def sample_spec(rng: np.random.Generator, shape: str, color: str, max_rotation: float = 180.0) -> ShapeSpec:
+def sample_spec(rng: np.random.Generator, shape: str, color: str, max_rotation: float = 25.0) -> ShapeSpec:
     """Random background, texture, size, placement and rotation (within +-max_rotation degrees)."""
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
@@ -326,7 +326,7 @@ def generate_sample_set(
     image_size: int = 96,
     split_rules: SplitRules = SplitRules(),
     fmt: str = "jpeg",
-    max_rotation: float = 180.0,
+    max_rotation: float = 25.0,
     progress: bool = False,
 ) -> Path:
     """Write ``n_images`` captioned images under ``out_dir/images/`` and ``out_dir/manifest.parquet``.
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--image-size", type=int, default=96, help="image side in pixels")
     p.add_argument("--format", dest="fmt", choices=("jpeg", "png", "mixed"), default="jpeg")
-    p.add_argument("--max-rotation", type=float, default=180.0, help="shapes turn by up to +- this many degrees")
+    p.add_argument("--max-rotation", type=float, default=25.0, help="shapes turn by up to +- this many degrees")
     p.add_argument("--val-fraction", type=float, default=SplitRules.val_fraction)
     p.add_argument("--unseen-fraction", type=float, default=None,
                    help="share of images from held-out pairs (default: their natural share, 1/6)")

@@ -256,7 +256,8 @@ def _fit_ray(args: argparse.Namespace, data: TrainData, cfg, prompts):
 
     from clip_core import load_model
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:  # a local Ray, or the cluster named by RAY_ADDRESS
         ray.init(include_dashboard=False, log_to_driver=True)
     storage = tempfile.mkdtemp(prefix="clip-etl-train-")
     try:
@@ -276,6 +277,8 @@ def _fit_ray(args: argparse.Namespace, data: TrainData, cfg, prompts):
         return model, json.loads(result.metrics["history"])
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+        if started_ray:
+            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- job

@@ -1,0 +1,305 @@
+"""Index build and search: ``pipelines.index_build`` against ``autofaiss.build_index``, same vectors.
+
+Why this baseline: autofaiss is what people use to "just build a good FAISS index" from CLIP
+embeddings, and its index choice is the one ours imitates. The comparison is at equal recall:
+autofaiss runs first with the memory budget, and we take the recall@10 its tuned index reaches on
+held-out queries; ours then runs with ``target_recall`` set to that value and the same budget.
+Both indexes are then measured by the same code in this process: recall@10 against exact search,
+queries/s of batched search, one-query latency, and the build's wall time and peak memory.
+
+autofaiss pins old numpy/pyarrow, so it lives in its own virtual environment and runs in a
+subprocess on the same ``.npy`` file::
+
+    python -m venv /tmp/autofaiss-venv
+    /tmp/autofaiss-venv/bin/pip install autofaiss "pyarrow<18"   # pyarrow>=18 needs numpy 2
+
+    python benchmarks/index.py                                   # 100k x 512, 4 GiB budget
+    python benchmarks/index.py --budgets 4,0.01                  # also a compressed (PQ) index
+    python benchmarks/index.py --n 20000 --d 128 --quick         # a smoke test in a minute
+
+Peak memory is the peak resident set size *increase* over the process's size after imports,
+sampled every 50 ms over the process and its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import faiss  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipelines.index import open_index  # noqa: E402
+from pipelines.index_build import build_index  # noqa: E402
+
+DEFAULT_AUTOFAISS_PYTHON = "/tmp/autofaiss-venv/bin/python"
+
+
+# ------------------------------------------------------------------------------- data ---
+
+def clustered(n: int, d: int, *, clusters: int = 200, latent: int = 48, seed: int = 7) -> np.ndarray:
+    """Normalized vectors from a Gaussian mixture in a low-dimensional space mapped to ``d`` dims.
+
+    Real CLIP embeddings have far fewer degrees of freedom than dimensions and form clusters
+    (subjects, styles); this keeps both properties, unlike uniform random vectors.
+    """
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, latent)).astype(np.float32) * 1.5
+    proj = rng.standard_normal((latent, d)).astype(np.float32) / np.sqrt(latent)
+    out = np.empty((n, d), np.float32)
+    for lo in range(0, n, 20000):
+        hi = min(n, lo + 20000)
+        z = centers[rng.integers(0, clusters, hi - lo)] + rng.standard_normal((hi - lo, latent)).astype(np.float32)
+        x = z @ proj + 0.05 * rng.standard_normal((hi - lo, d)).astype(np.float32)
+        out[lo:hi] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def write_inputs(base: np.ndarray, folder: Path) -> tuple[Path, Path]:
+    """The same vectors as ``.npy`` (for autofaiss) and as pipeline-shaped results Parquet (ours)."""
+    npy_dir = folder / "npy"
+    npy_dir.mkdir(parents=True)
+    np.save(npy_dir / "emb.npy", base)
+    results = folder / "results"
+    results.mkdir()
+    n, d = base.shape
+    per_file = 25_000
+    for i, lo in enumerate(range(0, n, per_file)):
+        hi = min(n, lo + per_file)
+        table = pa.table({
+            "id": pa.array([str(j) for j in range(lo, hi)]),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(base[lo:hi].reshape(-1)), d),
+            "status": pa.array(["ok"] * (hi - lo)),
+        })
+        pq.write_table(table, results / f"part-{i:05d}.parquet", row_group_size=8192)
+    return npy_dir, results
+
+
+# ---------------------------------------------------------------------------- memory ---
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            pid, ppid = int(entry), int(fields[1])
+            rss[pid] = int(fields[21]) * page
+            children.setdefault(ppid, []).append(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakMemory:
+    """Samples the resident size of a process tree in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_rss(self.pid))
+
+
+# -------------------------------------------------------------------------- measuring ---
+
+def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f[:10].tolist()) & set(t[:10].tolist())) / 10 for f, t in zip(found, truth)]))
+
+
+def measure(search, queries: np.ndarray, truth: np.ndarray, min_seconds: float = 2.0) -> dict[str, float]:
+    """recall@10, batched queries/s (all threads) and one-query latency of ``search(q, k) -> ids``."""
+    found = search(queries, 10)
+    out = {"recall@10": recall_at_10(found, truth)}
+    search(queries[:16], 10)
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds or runs < 2:
+        search(queries, 10)
+        runs += 1
+    out["qps"] = runs * len(queries) / (time.perf_counter() - t0)
+    lat = []
+    for q in queries[:300]:
+        t = time.perf_counter()
+        search(q[None, :], 10)
+        lat.append((time.perf_counter() - t) * 1000)
+    out["latency_ms_mean"] = float(np.mean(lat))
+    out["latency_ms_p99"] = float(np.percentile(lat, 99))
+    return out
+
+
+# -------------------------------------------------------------------------- autofaiss ---
+
+AUTOFAISS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time
+    import autofaiss, faiss
+    def rss():
+        return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+    npy_dir, out_dir, budget, cores = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    base = rss()
+    t = time.perf_counter()
+    autofaiss.build_index(embeddings=npy_dir, index_path=out_dir + "/knn.index",
+                          index_infos_path=out_dir + "/infos.json", file_format="npy",
+                          max_index_memory_usage=budget, current_memory_available="16G",
+                          metric_type="ip", nb_cores=cores, verbose=40)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"build_s": seconds, "rss_after_imports": base, "ru_maxrss": peak,
+                      "autofaiss": getattr(autofaiss, "__version__", "?"), "faiss": faiss.__version__}))
+""")
+
+
+def run_autofaiss(python: str, npy_dir: Path, out_dir: Path, budget_gb: float, cores: int) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = f"{int(budget_gb * 1024)}M"
+    proc = subprocess.Popen([python, "-c", AUTOFAISS_SCRIPT, str(npy_dir), str(out_dir), budget, str(cores)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with PeakMemory(proc.pid) as mem:
+        stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"autofaiss failed ({proc.returncode}):\n{stderr[-3000:]}")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    infos = json.loads((out_dir / "infos.json").read_text())
+    report["peak_bytes"] = max(mem.peak, report["ru_maxrss"]) - report["rss_after_imports"]
+    report["index_key"] = infos.get("index_key")
+    report["index_param"] = infos.get("index_param")
+    report["infos"] = infos
+    return report
+
+
+def as_positions(ids: np.ndarray) -> np.ndarray:
+    """Our id strings (the row numbers written to Parquet) back to ints; "" (no hit) -> -1."""
+    flat = [int(x) if x else -1 for x in ids.reshape(-1)]
+    return np.asarray(flat, dtype=np.int64).reshape(ids.shape)
+
+
+# ------------------------------------------------------------------------------- main ---
+
+def row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['index']} | {r['params']} | {r['build_s']:.1f} | {r['peak_bytes'] / 2**20:.0f} | "
+            f"{r['recall@10']:.4f} | {r['qps']:.0f} | {r['latency_ms_mean']:.2f} / {r['latency_ms_p99']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000, help="indexed vectors")
+    ap.add_argument("--d", type=int, default=512, help="dimension")
+    ap.add_argument("--queries", type=int, default=1000, help="held-out queries for recall and speed")
+    ap.add_argument("--budgets", default="4", help="comma-separated memory budgets in GiB (one comparison each)")
+    ap.add_argument("--autofaiss-python", default=DEFAULT_AUTOFAISS_PYTHON)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--quick", action="store_true", help="short timing loops (smoke test)")
+    ap.add_argument("--json-out", help="also write the results as JSON here")
+    ap.add_argument("--workdir", help="keep inputs and indexes here (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    faiss.omp_set_num_threads(args.threads)
+    min_seconds = 0.3 if args.quick else 2.0
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="index-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, faiss {faiss.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    data = clustered(args.n + args.queries, args.d)
+    base, queries = data[: args.n], data[args.n:]
+    _, truth = faiss.knn(queries, base, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    npy_dir, results = write_inputs(base, work / "data")
+    have_autofaiss = os.path.exists(args.autofaiss_python)
+    if not have_autofaiss:
+        print(f"autofaiss python {args.autofaiss_python} not found: measuring ours only", file=sys.stderr)
+
+    report = {"n": args.n, "d": args.d, "queries": args.queries, "threads": args.threads,
+              "cpus": os.cpu_count(), "faiss": faiss.__version__, "runs": []}
+    table = ["| build | index | search params | build s | peak MiB | recall@10 | queries/s | latency ms mean / p99 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        load_before = os.getloadavg()[0]
+        run: dict = {"budget_gb": budget}
+        target = 0.95
+        if have_autofaiss:
+            print(f"[bench] autofaiss, budget {budget} GiB ...", file=sys.stderr)
+            af = run_autofaiss(args.autofaiss_python, npy_dir, work / f"autofaiss-{budget}", budget, args.threads)
+            index = faiss.read_index(str(work / f"autofaiss-{budget}" / "knn.index"))
+            if af["index_param"]:
+                faiss.ParameterSpace().set_index_parameters(index, af["index_param"])
+            af.update(measure(lambda q, k: index.search(q, k)[1], queries, truth, min_seconds))
+            af.update(index=af["index_key"], params=af["index_param"] or "-")
+            run["autofaiss"] = {k: v for k, v in af.items() if k != "infos"}
+            run["autofaiss_infos"] = af["infos"]
+            target = af["recall@10"]
+            table.append(row(f"autofaiss {budget:g} GiB", af))
+        print(f"[bench] ours, budget {budget} GiB, target_recall {target:.4f} ...", file=sys.stderr)
+        out = work / f"ours-{budget}"
+        shutil.rmtree(out, ignore_errors=True)
+        from_rss = _tree_rss(os.getpid())
+        t = time.perf_counter()
+        with PeakMemory(os.getpid()) as mem:
+            meta = build_index(str(results), str(out), memory_budget_gb=budget, target_recall=min(1.0, target),
+                               progress=True)
+        ours = {"build_s": time.perf_counter() - t, "peak_bytes": mem.peak - from_rss,
+                "index": meta["factory"], "params": meta["search_params"] or "-",
+                "tuned_recall@10": meta["recall"]["10"], "target_reached": meta["target_reached"]}
+        idx = open_index(str(out))
+        ours.update(measure(lambda q, k: as_positions(idx.search(q, k)[1]), queries, truth, min_seconds))
+        run["ours"] = ours
+        table.append(row(f"ours {budget:g} GiB", ours))
+        if have_autofaiss:
+            a = run["autofaiss"]
+            run["ratios"] = {"qps": ours["qps"] / a["qps"], "build_s": ours["build_s"] / a["build_s"],
+                             "peak_bytes": ours["peak_bytes"] / max(a["peak_bytes"], 1),
+                             "recall@10": ours["recall@10"] - a["recall@10"]}
+        run["load_average"] = [load_before, os.getloadavg()[0]]
+        report["runs"].append(run)
+
+    print("\n" + "\n".join(table))
+    for run in report["runs"]:
+        if "ratios" in run:
+            r = run["ratios"]
+            print(f"budget {run['budget_gb']:g} GiB: ours/autofaiss queries/s x{r['qps']:.2f}, build time "
+                  f"x{r['build_s']:.2f}, peak memory x{r['peak_bytes']:.2f}, recall@10 {r['recall@10']:+.4f} "
+                  f"(load average {run['load_average'][0]:.1f} -> {run['load_average'][1]:.1f})")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
