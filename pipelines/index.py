@@ -31,6 +31,9 @@ from pipelines import io
 from pipelines.io import S3Options
 
 INDEX_JSON = "index.json"
+# Shards at least this large are searched in parallel threads for small query batches; below it,
+# handing work to a thread costs more than the search.
+PARALLEL_SHARD_MIN = 50_000
 
 
 @dataclass
@@ -166,6 +169,7 @@ class ShardedIndex:
         self._s3 = s3
         self.dim = int(meta.get("dim") or shards[0].index.d)
         self.params = ""
+        self._pool: ThreadPoolExecutor | None = None
         self.set_search_params(meta.get("search_params", "") or "")
 
     @property
@@ -196,10 +200,10 @@ class ShardedIndex:
             p = np.where(p >= 0, p + shard.offset, -1)
             return s, p
 
-        if len(self.shards) > 1 and q.shape[0] < 64:
-            # FAISS parallelizes over queries; with few queries, parallelize over shards instead.
-            with ThreadPoolExecutor(max_workers=min(len(self.shards), os.cpu_count() or 1)) as pool:
-                results = list(pool.map(one, self.shards))
+        big = sum(1 for s in self.shards if s.ntotal >= PARALLEL_SHARD_MIN)
+        if big > 1 and q.shape[0] < 64 and (os.cpu_count() or 1) > 1:
+            # FAISS parallelizes over queries; with few queries, search large shards side by side.
+            results = list(self._executor().map(one, self.shards))
         else:
             results = [one(s) for s in self.shards]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
@@ -214,6 +218,18 @@ class ShardedIndex:
             if mask.any():
                 out[mask] = _take_ids(shard.ids, local[mask])
         return out
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(len(self.shards), os.cpu_count() or 1),
+                                            thread_name_prefix="index-search")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the shard-search threads (the index stays usable; they restart on demand)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def search(self, queries: np.ndarray, k: int, *, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Scores ``[Q, k]`` (best first, ``-inf`` where missing) and ids ``[Q, k]`` ("" where missing)."""

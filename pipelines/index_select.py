@@ -180,8 +180,9 @@ def index_memory_bytes(factory: str, n: int, d: int) -> int:
 def train_size_for(factory: str, n: int, d: int, memory_budget_bytes: float) -> int:
     """How many vectors to sample for training: enough for k-means/PQ, never more than RAM allows.
 
-    The sample is held in memory as float32 while FAISS trains, so it is capped at half the
-    budget (and never below the minimum k-means needs, ``39`` points per centroid).
+    The sample is held in memory as float32 while FAISS trains, and FAISS makes a working copy
+    (residuals, transformed vectors), so it is capped at a quarter of the budget -- but never
+    below the minimum k-means needs, ``39`` points per centroid.
     """
     p = parse_factory(factory, d)
     needs = 0
@@ -194,7 +195,7 @@ def train_size_for(factory: str, n: int, d: int, memory_budget_bytes: float) -> 
     if needs == 0:
         return 0
     floor = max(MIN_POINTS_PER_CENTROID * max(p.nlist, 1), PQ_MIN_TRAIN if p.pq_m else 0)
-    by_memory = int(memory_budget_bytes / 2 / (4 * d))
+    by_memory = int(memory_budget_bytes / 4 / (4 * d))
     return int(min(n, max(min(needs, by_memory), floor)))
 
 
@@ -280,31 +281,37 @@ def choose_factory(n: int, d: int, memory_budget_gb: float) -> str:
     return choose_index(n, d, memory_budget_gb).factory
 
 
+READER_BASE_BYTES = 128 * 1024**2  # Arrow/Parquet buffers and allocator caches of one reader
+
+
 def build_memory_bytes(
     factory: str,
     n: int,
     d: int,
     *,
     train_size: int = 0,
-    batch_rows: int = 16384,
+    batch_rows: int = 2048,
     parallel_tasks: int = 1,
     shards: int = 1,
     merge: bool = False,
 ) -> int:
     """Peak RAM of a build, summed over the machine's concurrent tasks.
 
-    ``index + train sample (4*T*d) + parallel_tasks * (reader batch, ~3 copies of 4*B*d)``;
-    each task holds only its own shard, so shards in flight never exceed the whole index.
-    Merging loads every shard into one index, i.e. the index size again.
+    The phases do not overlap, so the peak is the largest of:
+
+    - training: the sample and FAISS's working copy, ``2 * 4*T*d`` (+ one reader);
+    - adding: the shards in flight (each task holds only its own shard, allocated up front) plus
+      one reader per task (``128 MiB + 6 * 4*B*d``: Parquet buffers and batch copies);
+    - merging (optional): the whole index plus the shard being appended.
     """
     index = index_memory_bytes(factory, n, d)
-    per_shard = index / max(shards, 1)
-    in_flight = min(parallel_tasks, max(shards, 1)) * per_shard
-    batches = parallel_tasks * 3 * 4 * batch_rows * d
-    total = in_flight + 4 * train_size * d + batches
-    if merge:
-        total = max(total, index + batches)
-    return int(total)
+    reader = READER_BASE_BYTES + 6 * 4 * batch_rows * d
+    shards = max(shards, 1)
+    tasks = min(parallel_tasks, shards)
+    training = 2 * 4 * train_size * d + reader
+    adding = tasks * (index / shards + reader)
+    merging = index + index / shards if merge and shards > 1 else 0
+    return int(max(training, adding, merging))
 
 
 def search_parameter(factory: str, d: int = 0) -> str | None:

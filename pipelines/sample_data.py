@@ -58,7 +58,7 @@ DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
 )
 
 MANIFEST_COLUMNS = (
-    "id", "image", "text", "shape", "color", "background", "label", "split", "size", "position", "texture",
+    "id", "image", "text", "shape", "color", "background", "true_label", "split", "size", "position", "texture",
 )
 
 
@@ -354,7 +354,7 @@ def generate_sample_set(
         rel = f"images/{image_id}.{ext}"
         (out / rel).write_bytes(data)
         for k, v in (("id", image_id), ("image", rel), ("text", text), ("shape", shape), ("color", color),
-                     ("background", spec.background), ("label", class_name(shape, color)), ("split", split),
+                     ("background", spec.background), ("true_label", class_name(shape, color)), ("split", split),
                      ("size", spec.size), ("position", spec.position), ("texture", spec.texture)):
             cols[k].append(v)
         if progress and ((i + 1) % 500 == 0 or i + 1 == n_images):

@@ -73,7 +73,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--eval-prompts", default=None,
                    help='JSON {"classes": [...], "templates": [...]}: report zero-shot top-1 on --eval-splits')
     p.add_argument("--eval-splits", default="val,test_unseen", help="comma-separated splits to evaluate")
-    p.add_argument("--label-column", default="label", help="column with each row's true class name")
+    p.add_argument("--label-column", default="true_label", help="column with each row's true class name")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--history", default=None, help="write the training history (JSON) here")
     return p

@@ -81,12 +81,12 @@ def test_generator_is_deterministic(tmp_path):
 def test_manifest_columns_and_content(tmp_path):
     manifest = generate_sample_set(tmp_path, 36, seed=1, image_size=64)
     table = pq.read_table(manifest)
-    for col in ("id", "image", "text", "shape", "color", "background", "label", "split"):
+    for col in ("id", "image", "text", "shape", "color", "background", "true_label", "split"):
         assert col in table.column_names
     rows = table.to_pylist()
     assert len({r["id"] for r in rows}) == 36
     for r in rows:
-        assert r["label"] == class_name(r["shape"], r["color"])
+        assert r["true_label"] == class_name(r["shape"], r["color"])
         assert r["background"] in ("light", "dark")
         img = load_image(str(manifest.parent / r["image"]))  # relative to the manifest
         assert img.size == (64, 64)
@@ -96,7 +96,7 @@ def test_manifest_columns_and_content(tmp_path):
 def test_splits_hold_out_the_promised_combinations(tmp_path):
     rows = _rows(generate_sample_set(tmp_path, 240, seed=0, image_size=32))
     held = {class_name(s, c) for s, c in DEFAULT_HELD_OUT}
-    by_split = {s: {r["label"] for r in rows if r["split"] == s} for s in ("train", "val", "test_unseen")}
+    by_split = {s: {r["true_label"] for r in rows if r["split"] == s} for s in ("train", "val", "test_unseen")}
     assert by_split["test_unseen"] == held  # all six held-out pairs are tested ...
     assert not (by_split["train"] | by_split["val"]) & held  # ... and never trained or validated on
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -285,7 +285,7 @@ def test_committed_demo_model_reaches_its_zero_shot_bound(tmp_path):
         class_emb = F.normalize(text.mean(dim=1), dim=-1)
         pixels = torch.stack([transform(load_image(str(manifest.parent / r["image"]))) for r in rows])
         pred = (F.normalize(model.encode_image(pixels), dim=-1) @ class_emb.t()).argmax(dim=-1)
-    correct = [classes[int(p)] == r["label"] for p, r in zip(pred, rows)]
+    correct = [classes[int(p)] == r["true_label"] for p, r in zip(pred, rows)]
     acc = {split: sum(c for c, r in zip(correct, rows) if r["split"] == split)
            / sum(r["split"] == split for r in rows) for split in ("val", "test_unseen")}
     assert sum(r["split"] == "test_unseen" for r in rows) == 75
