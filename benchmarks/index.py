@@ -146,23 +146,30 @@ def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:10].tolist()) & set(t[:10].tolist())) / 10 for f, t in zip(found, truth)]))
 
 
-def measure(search, queries: np.ndarray, truth: np.ndarray, min_seconds: float = 2.0) -> dict[str, float]:
-    """recall@10, batched queries/s (all threads) and one-query latency of ``search(q, k) -> ids``."""
-    found = search(queries, 10)
-    out = {"recall@10": recall_at_10(found, truth)}
-    search(queries[:16], 10)
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds or runs < 2:
-        search(queries, 10)
-        runs += 1
-    out["qps"] = runs * len(queries) / (time.perf_counter() - t0)
-    lat = []
-    for q in queries[:300]:
-        t = time.perf_counter()
-        search(q[None, :], 10)
-        lat.append((time.perf_counter() - t) * 1000)
-    out["latency_ms_mean"] = float(np.mean(lat))
-    out["latency_ms_p99"] = float(np.percentile(lat, 99))
+def measure(searchers: dict, queries: np.ndarray, truth: np.ndarray, rounds: int = 5,
+            latency_queries: int = 300) -> dict[str, dict[str, float]]:
+    """recall@10, batched queries/s (all threads) and one-query latency of each ``search(q, k) -> ids``.
+
+    Candidates are timed interleaved -- one batch of each per round, median over rounds; each
+    latency query on every candidate in turn -- so load from other processes on the machine
+    hits all of them alike.
+    """
+    out = {name: {"recall@10": recall_at_10(fn(queries, 10), truth)} for name, fn in searchers.items()}
+    qps: dict[str, list[float]] = {name: [] for name in searchers}
+    for _ in range(rounds):
+        for name, fn in searchers.items():
+            t = time.perf_counter()
+            fn(queries, 10)
+            qps[name].append(len(queries) / (time.perf_counter() - t))
+    lat: dict[str, list[float]] = {name: [] for name in searchers}
+    for q in queries[:latency_queries]:
+        for name, fn in searchers.items():
+            t = time.perf_counter()
+            fn(q[None, :], 10)
+            lat[name].append((time.perf_counter() - t) * 1000)
+    for name in searchers:
+        out[name].update(qps=float(np.median(qps[name])), latency_ms_mean=float(np.mean(lat[name])),
+                         latency_ms_p99=float(np.percentile(lat[name], 99)))
     return out
 
 
@@ -235,23 +242,18 @@ def run_autofaiss(python: str, npy_dir: Path, out_dir: Path, budget_gb: float, c
     return report
 
 
-def retune(index, index_key: str, queries: np.ndarray, truth: np.ndarray, target: float,
-           min_seconds: float) -> dict | None:
-    """autofaiss's own index with the fastest nprobe/efSearch reaching ``target`` on *these* queries.
+def retune(index, index_key: str, queries: np.ndarray, truth: np.ndarray, target: float) -> str | None:
+    """The fastest nprobe/efSearch with which autofaiss's own index reaches ``target`` on *these* queries.
 
-    An oracle for the baseline (it is tuned on the evaluation queries): it separates what our
-    index build gains from what our recall-targeted tuning gains.
+    An oracle for the baseline (tuned on the evaluation queries themselves, which no real build
+    can do): it separates what our index build gains from what recall-targeted tuning gains.
     """
     from pipelines.index_select import search_parameter_grid
 
-    grid = [g for g in search_parameter_grid(index_key, index.d) if g]
-    for params in grid:
+    for params in (g for g in search_parameter_grid(index_key, index.d) if g):
         faiss.ParameterSpace().set_index_parameters(index, params)
-        found = index.search(queries, 10)[1]
-        if recall_at_10(found, truth) >= target:
-            out = measure(lambda q, k: index.search(q, k)[1], queries, truth, min_seconds)
-            out["params"] = params
-            return out
+        if recall_at_10(index.search(queries, 10)[1], truth) >= target:
+            return params
     return None
 
 
@@ -281,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="keep inputs and indexes here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
-    min_seconds = 0.3 if args.quick else 2.0
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="index-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -299,47 +300,54 @@ def main(argv: list[str] | None = None) -> int:
               "cpus": os.cpu_count(), "faiss": faiss.__version__, "runs": []}
     table = ["| build | index | search params | build s | peak MiB | recall@10 | queries/s | latency ms mean / p99 |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
+    rounds = 2 if args.quick else 5
     for budget in [float(b) for b in args.budgets.split(",")]:
         load_before = os.getloadavg()[0]
         run: dict = {"budget_gb": budget}
+        searchers: dict = {}
+        rows: dict = {}
         target = 0.95
         if have_autofaiss:
             print(f"[bench] autofaiss, budget {budget} GiB ...", file=sys.stderr)
             af = run_autofaiss(args.autofaiss_python, npy_dir, work / f"autofaiss-{budget}", budget, args.threads)
-            index = faiss.read_index(str(work / f"autofaiss-{budget}" / "knn.index"))
+            af_index = faiss.read_index(str(work / f"autofaiss-{budget}" / "knn.index"))
             if af["index_param"]:
-                faiss.ParameterSpace().set_index_parameters(index, af["index_param"])
-            af.update(measure(lambda q, k: index.search(q, k)[1], queries, truth, min_seconds))
+                faiss.ParameterSpace().set_index_parameters(af_index, af["index_param"])
+            run["autofaiss_infos"] = af.pop("infos")
             af.update(index=af["index_key"], params=af["index_param"] or "-")
-            run["autofaiss"] = {k: v for k, v in af.items() if k != "infos"}
-            run["autofaiss_infos"] = af["infos"]
-            target = af["recall@10"]
-            table.append(row(f"autofaiss {budget:g} GiB", af))
+            target = recall_at_10(af_index.search(queries, 10)[1], truth)  # what ours is asked to reach
+            searchers["autofaiss"] = lambda q, k, i=af_index: i.search(q, k)[1]
+            rows["autofaiss"] = af
         print(f"[bench] ours, budget {budget} GiB, target_recall {target:.4f} ...", file=sys.stderr)
-        out = work / f"ours-{budget}"
-        built = run_ours(results, out, budget, target)
+        built = run_ours(results, work / f"ours-{budget}", budget, target)
         meta = built["meta"]
-        ours = {"build_s": built["build_s"], "peak_bytes": built["peak_bytes"],
-                "index": meta["factory"], "params": meta["search_params"] or "-",
-                "tuned_recall@10": meta["recall"]["10"], "target_reached": meta["target_reached"]}
-        idx = open_index(str(out))
-        ours.update(measure(lambda q, k: as_positions(idx.search(q, k)[1]), queries, truth, min_seconds))
-        run["ours"] = ours
-        table.append(row(f"ours {budget:g} GiB", ours))
+        rows["ours"] = {"build_s": built["build_s"], "peak_bytes": built["peak_bytes"], "index": meta["factory"],
+                        "params": meta["search_params"] or "-", "tuned_recall@10": meta["recall"]["10"],
+                        "target_reached": meta["target_reached"]}
+        idx = open_index(str(work / f"ours-{budget}"))
+        searchers["ours"] = lambda q, k, i=idx: as_positions(i.search(q, k)[1])
         if have_autofaiss:
-            index = faiss.read_index(str(work / f"autofaiss-{budget}" / "knn.index"))
-            oracle = retune(index, run["autofaiss"]["index_key"], queries, truth, ours["recall@10"], min_seconds)
-            if oracle:
-                oracle.update(index=run["autofaiss"]["index_key"], build_s=run["autofaiss"]["build_s"],
-                              peak_bytes=run["autofaiss"]["peak_bytes"])
-                run["autofaiss_retuned"] = oracle
-                table.append(row(f"autofaiss {budget:g} GiB, re-tuned to our recall (oracle)", oracle))
-            a = run["autofaiss"]
-            run["ratios"] = {"qps": ours["qps"] / a["qps"], "build_s": ours["build_s"] / a["build_s"],
-                             "peak_bytes": ours["peak_bytes"] / max(a["peak_bytes"], 1),
-                             "recall@10": ours["recall@10"] - a["recall@10"]}
-            if oracle:
-                run["ratios"]["qps_vs_retuned"] = ours["qps"] / oracle["qps"]
+            oracle_index = faiss.read_index(str(work / f"autofaiss-{budget}" / "knn.index"))
+            params = retune(oracle_index, af["index_key"], queries, truth, target)
+            if params:
+                searchers["retuned"] = lambda q, k, i=oracle_index: i.search(q, k)[1]
+                rows["retuned"] = {**{k: af[k] for k in ("build_s", "peak_bytes", "index")}, "params": params}
+        print(f"[bench] measuring {', '.join(searchers)} interleaved ...", file=sys.stderr)
+        for name, result in measure(searchers, queries, truth, rounds).items():
+            rows[name].update(result)
+        labels = {"autofaiss": f"autofaiss {budget:g} GiB", "ours": f"ours {budget:g} GiB",
+                  "retuned": f"autofaiss {budget:g} GiB, nprobe/efSearch re-tuned on the test queries (oracle)"}
+        for name in ("autofaiss", "ours", "retuned"):
+            if name in rows:
+                run[name] = rows[name]
+                table.append(row(labels[name], rows[name]))
+        if have_autofaiss:
+            a, o = rows["autofaiss"], rows["ours"]
+            run["ratios"] = {"qps": o["qps"] / a["qps"], "build_s": o["build_s"] / a["build_s"],
+                             "peak_bytes": o["peak_bytes"] / max(a["peak_bytes"], 1),
+                             "recall@10": o["recall@10"] - a["recall@10"]}
+            if "retuned" in rows:
+                run["ratios"]["qps_vs_retuned"] = o["qps"] / rows["retuned"]["qps"]
         run["load_average"] = [load_before, os.getloadavg()[0]]
         report["runs"].append(run)
 

@@ -102,7 +102,8 @@ def read_ids(path: str, s3: S3Options | None = None) -> pa.Array:
     fs = io.filesystem_for(path, s3)
     with fs.open_input_file(io.strip_scheme(path)) as f:
         table = pq.read_table(f, columns=["id"])
-    return table.column("id").combine_chunks()
+    # 64-bit offsets: a merged index over ~100M ids holds more than 2 GiB of id text
+    return table.column("id").cast(pa.large_string()).combine_chunks()
 
 
 def _take_ids(ids: pa.Array, positions: np.ndarray) -> np.ndarray:
@@ -170,6 +171,14 @@ class ShardedIndex:
         self.dim = int(meta.get("dim") or shards[0].index.d)
         self.params = ""
         self._pool: ThreadPoolExecutor | None = None
+        # One id array for all shards (each shard's ids become a zero-copy slice of it), so that
+        # mapping a result matrix to ids is a single Arrow take.
+        if len(shards) > 1:
+            self._ids = pa.concat_arrays([s.ids for s in shards])
+            for s in shards:
+                s.ids = self._ids.slice(s.offset, len(s.ids))
+        else:
+            self._ids = shards[0].ids
         self.set_search_params(meta.get("search_params", "") or "")
 
     @property
@@ -210,14 +219,7 @@ class ShardedIndex:
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
         """Id strings for global positions ("" where a position is -1)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        out = np.full(positions.shape, "", dtype=object)
-        for shard in self.shards:
-            local = positions - shard.offset
-            mask = (positions >= 0) & (local >= 0) & (local < shard.ntotal)
-            if mask.any():
-                out[mask] = _take_ids(shard.ids, local[mask])
-        return out
+        return _take_ids(self._ids, np.asarray(positions, dtype=np.int64))
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

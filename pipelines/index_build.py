@@ -6,16 +6,19 @@ Steps, each resumable:
    (:mod:`pipelines.index_select`) and the shard ranges. The plan is saved as
    ``_build/plan.json``; a re-run with the same plan resumes, a different one starts over.
 2. **Sample** a seeded random subset of rows, reading only the row groups that hold them: the
-   training vectors, plus held-out *tuning queries* (never used for training).
+   training vectors, plus *tuning queries*: rows held out of the shards (never trained on).
 3. **Train** the empty index once, deterministically, and save it as ``_build/trained.faiss``.
-4. **Add** each shard (a contiguous range of input rows) in its own Ray task: stream its rows,
-   add them to a copy of the trained index, and compute the exact top-100 of the tuning
-   queries over the same rows (so ground truth costs no extra pass over the data). A shard's
-   ``.faiss`` file is written last and atomically: present means done.
-5. **Merge** the shards into one index when asked and it fits the memory budget.
-6. **Tune** ``nprobe``/``efSearch``: the smallest value (= the fastest) whose recall@10 against
-   exact search reaches ``target_recall``; measure recall@1/10/100, latency and queries/s.
-7. Write ``index.json`` last: its presence means the index is complete.
+4. **Add** each shard (a contiguous range of input rows, minus the tuning queries) in its own Ray
+   task: stream its rows, add them to a copy of the trained index, and compute the exact top-100
+   of the tuning queries over the same rows (so ground truth costs no extra pass over the
+   data). A shard's ``.faiss`` file is written last and atomically: present means done.
+5. **Tune** ``nprobe``/``efSearch`` on those shards: the smallest value (= the fastest) whose
+   recall@10 against exact search reaches ``target_recall``; the queries are not in the shards,
+   so they measure like unseen queries. Measure recall@1/10/100.
+6. **Index the held-out queries** as one small last shard, so every valid row is searchable.
+7. **Merge** the shards into one index when asked and it fits the memory budget.
+8. Measure queries/s and latency, write ``index.json`` last: its presence means the index is
+   complete.
 
 Memory: a task holds one shard's index and one reader batch; the driver holds the training
 sample; vectors never all sit in RAM unless the chosen index (Flat/HNSW) is itself made of them,

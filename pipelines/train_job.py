@@ -67,6 +67,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     p.add_argument("--no-augment", action="store_true", help="disable the light random-crop augmentation")
+    p.add_argument("--pca-patch-init", action="store_true",
+                   help="start the patch embedding from whitened PCA of training patches (fresh presets only)")
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers; <= 1 trains in this process")
     p.add_argument("--save-dtype", choices=DTYPES, default="float32", help="weight dtype in the checkpoint")
@@ -86,7 +88,7 @@ def train_config_from_args(args: argparse.Namespace):
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None,
         seed=args.seed, num_threads=args.threads, loader_workers=args.loader_workers, log_every=args.log_every,
-        eval_every=args.eval_every,
+        eval_every=args.eval_every, pca_patch_init=args.pca_patch_init,
     )
 
 
@@ -293,6 +295,8 @@ def run_train(args: argparse.Namespace) -> int:
         from clip_core.checkpoints import save_model
 
         cfg = train_config_from_args(args)
+        if args.pca_patch_init and os.path.exists(args.model):
+            raise ValueError("--pca-patch-init re-initialises the patch embedding; use it with a preset, not a checkpoint")
         prompts = load_prompts(args.eval_prompts)
         eval_splits = [s for s in args.eval_splits.split(",") if s] if prompts else []
         data = load_train_data(args, eval_splits)
