@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -22,6 +21,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from clip_core.zero_shot import ImageLoadError, as_embedding_matrix, l2_normalize, open_image
+
+from .io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,8 @@ class BuildReport:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``, so readers see
-    the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Readers see the old file or the new one, never half of one."""
+    write_bytes_atomic(str(path), data)
 
 
 def _check_id(x: Any) -> Id:

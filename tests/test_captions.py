@@ -8,9 +8,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from clip_core import create_model, image_transform, tokenize
+from clip_core import create_model
 from clip_core.captions import (
     SEED_CAPTION_TEMPLATES,
     SEED_CAPTION_WORDS,
@@ -19,6 +18,7 @@ from clip_core.captions import (
     Captioner,
     VisualQA,
 )
+from torch_test_encoder import TorchTestEncoder
 
 D = 12
 
@@ -213,22 +213,6 @@ def test_vqa_caches_repeated_question_sets_and_validates():
 
 
 # --------------------------------------------------------------------- with a real tiny model
-class TorchTestEncoder:
-    """The Encoder interface over a torch CLIP, for tests: normalised float32 numpy outputs."""
-
-    def __init__(self, model):
-        self.model = model.eval()
-        self.embed_dim = model.config.embed_dim
-        self.logit_scale = float(model.logit_scale.detach().exp())
-        self.preprocess = image_transform(model.image_size)
-
-    @torch.no_grad()
-    def encode_images(self, pixels) -> np.ndarray:
-        return F.normalize(self.model.encode_image(torch.as_tensor(pixels)), dim=-1).numpy()
-
-    @torch.no_grad()
-    def encode_texts(self, texts) -> np.ndarray:
-        return F.normalize(self.model.encode_text(tokenize(texts)), dim=-1).numpy()
 
 
 @pytest.fixture(scope="module")

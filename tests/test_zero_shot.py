@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from clip_core import create_model, image_transform, tokenize
+from clip_core import create_model
 from clip_core.prompts import (
     SEED_TEMPLATES,
     PromptError,
@@ -23,28 +22,9 @@ from clip_core.prompts import (
     validate_templates,
 )
 from clip_core.zero_shot import ImageLoadError, ZeroShotClassifier, ZeroShotPrediction
+from torch_test_encoder import TorchTestEncoder
 
 
-class TorchTestEncoder:
-    """The Encoder interface over a torch CLIP, for tests: normalised float32 numpy outputs."""
-
-    def __init__(self, model):
-        self.model = model.eval()
-        self.embed_dim = model.config.embed_dim
-        self.logit_scale = float(model.logit_scale.detach().exp())
-        self.preprocess = image_transform(model.image_size)
-        self.text_batches: list[int] = []
-
-    @torch.no_grad()
-    def encode_images(self, pixels) -> np.ndarray:
-        x = torch.as_tensor(pixels, dtype=torch.float32)
-        return F.normalize(self.model.encode_image(x), dim=-1).numpy().astype(np.float32)
-
-    @torch.no_grad()
-    def encode_texts(self, texts) -> np.ndarray:
-        tokens = tokenize(texts) if isinstance(texts[0], str) else torch.as_tensor(texts)
-        self.text_batches.append(len(tokens))
-        return F.normalize(self.model.encode_text(tokens), dim=-1).numpy().astype(np.float32)
 
 
 @pytest.fixture(scope="module")
