@@ -110,6 +110,8 @@ def _take_ids(ids: pa.Array, positions: np.ndarray) -> np.ndarray:
     """Map local positions (-1 = no hit) to an object array of id strings ("" = no hit)."""
     flat = positions.reshape(-1)
     valid = flat >= 0
+    if valid.all():
+        return ids.take(pa.array(flat, type=pa.int64())).to_numpy(zero_copy_only=False).reshape(positions.shape)
     out = np.full(flat.shape, "", dtype=object)
     if valid.any():
         out[valid] = ids.take(pa.array(flat[valid], type=pa.int64())).to_numpy(zero_copy_only=False)
@@ -209,6 +211,11 @@ class ShardedIndex:
             p = np.where(p >= 0, p + shard.offset, -1)
             return s, p
 
+        if len(self.shards) == 1:
+            s, p = one(self.shards[0])
+            if s.shape[1] == k and (p >= 0).all():
+                return s, p  # FAISS already returns the best first
+            return merge_topk([s], [p], k)
         big = sum(1 for s in self.shards if s.ntotal >= PARALLEL_SHARD_MIN)
         if big > 1 and q.shape[0] < 64 and (os.cpu_count() or 1) > 1:
             # FAISS parallelizes over queries; with few queries, search large shards side by side.

@@ -15,7 +15,7 @@ Steps, each resumable:
 5. **Tune** ``nprobe``/``efSearch`` on those shards: the smallest value (= the fastest) whose
    recall@10 against exact search reaches ``target_recall``; the queries are not in the shards,
    so they measure like unseen queries. Measure recall@1/10/100.
-6. **Index the held-out queries** as one small last shard, so every valid row is searchable.
+6. **Index the held-out queries**, appended to the last shard, so every valid row is searchable.
 7. **Merge** the shards into one index when asked and it fits the memory budget.
 8. Measure queries/s and latency, write ``index.json`` last: its presence means the index is
    complete.
@@ -60,6 +60,7 @@ BUILD_DIR = "_build"
 PLAN_FILE = "plan.json"
 TRAINED_FILE = "trained.faiss"
 QUERIES_FILE = "queries.npz"
+TUNING_FILE = "tuning.json"
 SEED = 1234
 DEFAULT_VECTORS_PER_SHARD = 1_000_000
 READ_BATCH_ROWS = 2048  # small batches: big transient buffers stay resident under glibc malloc
@@ -72,8 +73,15 @@ GROUND_TRUTH_K = 100
 # needed for recall@10 0.998 by ~30x in our benchmark.
 HNSW_EF_CONSTRUCTION = 80
 MAX_TUNING_QUERIES = 1000
-# Environment hook for tests of resumability: exit abruptly (like a kill) after N shards.
+# Environment hook for tests of resumability: exit abruptly (like a kill) after N shards
+# ("2"), or in the middle of adding the held-out queries to the last shard ("append").
 CRASH_ENV = "CLIP_ETL_INDEX_CRASH_AFTER_SHARDS"
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        print(f"[index] {CRASH_ENV}={name}: exiting abruptly", file=sys.stderr, flush=True)
+        os._exit(75)
 
 
 class IndexBuildError(RuntimeError):
@@ -564,7 +572,7 @@ class ShardJob:
     threads: int
     s3: S3Options | None
     progress: bool
-    held_out_rows: np.ndarray  # sorted row numbers in [start, end) kept out for the held-out shard
+    held_out_rows: np.ndarray  # sorted row numbers in [start, end): tuning queries, added after tuning
 
 
 def shard_files(out_dir: str, number: int) -> dict[str, str]:
@@ -598,7 +606,7 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
         for pos, batch in iter_row_range(job.files, job.start, job.end, job.columns, job.s3):
             if len(job.held_out_rows):
                 a, b = np.searchsorted(job.held_out_rows, [pos, pos + batch.num_rows])
-                if b > a:  # the tuning queries go to the held-out shard, not here
+                if b > a:  # the tuning queries are added to the last shard after tuning
                     keep = np.ones(batch.num_rows, bool)
                     keep[job.held_out_rows[a:b] - pos] = False
                     batch = batch.filter(pa.array(keep))
@@ -625,16 +633,33 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
     return {"number": job.number, "count": int(index.ntotal), "seconds": seconds, **counts}
 
 
-def build_held_out_shard(number: int, sample: dict[str, np.ndarray], factory: str, dim: int, out_dir: str,
-                         trained_path: str | None, s3: S3Options | None) -> int:
-    """The shard of the tuning queries: rows kept out of the other shards so that recall is
-    measured on vectors the searched index does not contain, then indexed like any others."""
-    index = _deserialize(io.read_bytes(trained_path, s3)) if trained_path else new_index(factory, dim)
-    index.add(np.ascontiguousarray(sample["vectors"], dtype=np.float32))
+def append_held_out(local_root: str, entry: dict[str, Any], held: dict[str, np.ndarray], out_dir: str,
+                    number: int, s3: S3Options | None) -> None:
+    """Add the tuning queries, held out of every shard while tuning, to the last shard.
+
+    Idempotent, so an interrupted build can redo it: each of the shard's two files is extended
+    only while it still holds exactly the rows the shard was built with (``entry["count"]``).
+    """
+    base, extra = int(entry["count"]), len(held["vectors"])
     files = shard_files(out_dir, number)
-    _write_ids(pa.array([str(i) for i in sample["ids"]], pa.string()), files["ids"], s3)
-    publish_index(index, files["faiss"], s3)
-    return int(index.ntotal)
+    local_faiss = os.path.join(local_root, entry["file"])
+    index = faiss.read_index(local_faiss)
+    if index.ntotal == base:
+        index.add(np.ascontiguousarray(held["vectors"], dtype=np.float32))
+        publish_index(index, files["faiss"], s3)
+        if io.is_s3(out_dir):
+            publish_index(index, local_faiss, None)
+    del index
+    _crash_point("append")
+    local_ids = os.path.join(local_root, entry["ids"])
+    ids = read_ids(local_ids)
+    if len(ids) == base:
+        ids = pa.concat_arrays([ids, pa.array([str(i) for i in held["ids"]], pa.large_string())])
+        _write_ids(ids, files["ids"], s3)
+        if io.is_s3(out_dir):
+            _write_ids(ids, local_ids, None)
+    entry["count"] = base + extra
+    entry["held_out_queries"] = extra
 
 
 def _bytes_io(data: bytes):
@@ -649,7 +674,8 @@ def _shard_done(out_dir: str, number: int, s3: S3Options | None) -> bool:
 
 def _run_shards(jobs: list[ShardJob], use_ray: bool, say: Callable[[str], None]) -> None:
     """Run shard jobs in parallel Ray tasks (or in this process), stopping early for tests."""
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    value = os.environ.get(CRASH_ENV, "")
+    crash_after = int(value) if value.isdigit() else 0
     finished = 0
 
     def tick(result: dict[str, Any]) -> None:
@@ -697,6 +723,16 @@ def _ray_cpus(use_ray: bool | None, n_jobs: int) -> tuple[bool, int, bool]:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
         started = True
     return True, max(1, int(ray.cluster_resources().get("CPU", 1))), started
+
+
+def _largest_node_cpus(default: int) -> int:
+    """CPUs of the biggest Ray node: a task asking for more could never be scheduled."""
+    try:
+        import ray
+
+        return max(1, int(max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))))
+    except (ImportError, ValueError, KeyError, RuntimeError):
+        return default
 
 
 # ---------------------------------------------------------------------------- merging ---
@@ -837,7 +873,8 @@ def _model_from_run(input_path: str, s3: S3Options | None) -> dict[str, Any] | N
 
 
 def _plan_matches(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    for key in ("format", "files", "columns", "dim", "factory", "shards", "train_size", "queries", "seed"):
+    for key in ("format", "files", "columns", "dim", "factory", "shards", "train_size", "queries", "seed",
+                "target_recall", "merge"):
         if old.get(key) != new.get(key):
             return key
     return None
@@ -954,6 +991,8 @@ def build_index(
         "train_size": train_size,
         "queries": n_queries,
         "seed": SEED,
+        "target_recall": target_recall,
+        "merge": bool(merge),
     }
     plan = json.loads(json.dumps(plan))  # the form it has when read back from plan.json
     plan_path = io.join(build_dir, PLAN_FILE)
@@ -1021,6 +1060,8 @@ def build_index(
     ray_on, cpus, ray_started = _ray_cpus(use_ray, len(todo))
     parallel = max(1, min(len(todo), cpus)) if ray_on else 1
     threads = max(1, cpus // parallel)
+    if ray_on:
+        threads = min(threads, _largest_node_cpus(threads))
     jobs = []
     for i in todo:
         lo, hi = ranges[i]
@@ -1068,26 +1109,25 @@ def build_index(
 
     local_root, keep = _local_view(output_dir, [n for e in shard_entries for n in (e["file"], e["ids"])], s3)
     try:
-        # 5. tune on the shards without the held-out queries ------------------------------------
-        t = time.perf_counter()
-        main = load_shards(local_root, {"dim": dim, "factory": factory, "shards": shard_entries}, mmap=True)
-        result = tune(main, queries, truth, target_recall, say)
-        _, found = main.search_positions(queries, GROUND_TRUTH_K)
-        recall = {str(k): round(recall_at(found, truth, k), 5) for k in (1, 10, 100)}
-        del main
-        timings["tune_s"] = time.perf_counter() - t
+        # 5. tune on the shards, which do not hold the queries yet --------------------------------
+        tuning_path = io.join(build_dir, TUNING_FILE)
+        if io.exists(tuning_path, s3):  # tuned before an interruption: the queries may be indexed now
+            tuned = io.read_json(tuning_path, s3)
+            say(f"reusing the tuned search parameters ({tuned['params'] or 'none'})")
+        else:
+            t = time.perf_counter()
+            main = load_shards(local_root, {"dim": dim, "factory": factory, "shards": shard_entries}, mmap=True)
+            tuned = tune(main, queries, truth, target_recall, say)
+            _, found = main.search_positions(queries, GROUND_TRUTH_K)
+            tuned["recall"] = {str(k): round(recall_at(found, truth, k), 5) for k in (1, 10, 100)}
+            del main, found
+            io.write_json_atomic(tuning_path, tuned, s3)
+            timings["tune_s"] = time.perf_counter() - t
+        result, recall = tuned, tuned["recall"]
 
-        # 6. the held-out shard, then merging ----------------------------------------------------
-        held_no = len(ranges)
-        held_files = shard_files(output_dir, held_no)
-        if not io.exists(held_files["faiss"], s3):
-            build_held_out_shard(held_no, held, factory, dim, output_dir, trained_path if needs_training else None, s3)
-        shard_entries.append({"file": f"{shard_name(held_no)}.faiss", "ids": f"{shard_name(held_no)}.ids.parquet",
-                              "count": int(len(queries)), "held_out": True})
-        if keep is not None:
-            fs = io.fsspec_filesystem(output_dir, s3)
-            for key in ("faiss", "ids"):
-                fs.get_file(io.strip_scheme(held_files[key]), os.path.join(local_root, held_files[key].rsplit("/", 1)[-1]))
+        # 6. index the held-out queries too: appended to the last shard -------------------------
+        last = shard_entries[-1]
+        append_held_out(local_root, last, held, output_dir, len(ranges) - 1, s3)
         total = offset + len(queries)
         meta: dict[str, Any] = {
             "format": FORMAT,
@@ -1149,8 +1189,8 @@ def build_index(
         "recall": recall,
         "latency_ms": {"mean": round(speed["latency_ms_mean"], 4), "p99": round(speed["latency_ms_p99"], 4)},
         "qps": round(speed["qps"], 1),
-        "tuning": {"queries": int(len(queries)), "ground_truth_k": GROUND_TRUTH_K, "held_out_shard": held_no,
-                   "trials": result["trials"]},
+        "tuning": {"queries": int(len(queries)), "ground_truth_k": GROUND_TRUTH_K,
+                   "queries_held_out_of_tuned_index": True, "trials": result["trials"]},
         "build_seconds": build_seconds,
         "timings": timings,
         "created_at": datetime.now(timezone.utc).isoformat(),

@@ -281,7 +281,7 @@ def choose_factory(n: int, d: int, memory_budget_gb: float) -> str:
     return choose_index(n, d, memory_budget_gb).factory
 
 
-READER_BASE_BYTES = 128 * 1024**2  # Arrow/Parquet buffers and allocator caches of one reader
+READER_BASE_BYTES = 224 * 1024**2  # Arrow/Parquet buffers and allocator caches of one reader (measured)
 
 
 def build_memory_bytes(
@@ -301,7 +301,7 @@ def build_memory_bytes(
 
     - training: the sample and FAISS's working copy, ``2 * 4*T*d`` (+ one reader);
     - adding: the shards in flight (each task holds only its own shard, allocated up front) plus
-      one reader per task (``128 MiB + 6 * 4*B*d``: Parquet buffers and batch copies);
+      one reader per task (``224 MiB + 6 * 4*B*d``: Parquet buffers, allocator caches, batch copies);
     - merging (optional): the whole index plus the shard being appended.
     """
     index = index_memory_bytes(factory, n, d)

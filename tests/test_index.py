@@ -237,8 +237,10 @@ def test_flat_build_ids_round_trip_and_counts(small, tmp_path):
     on_disk = json.loads((tmp_path / "index" / "index.json").read_text())
     assert on_disk["count"] == meta["count"]
     idx = open_index(str(tmp_path / "index"))
-    assert idx.ntotal == 5940 and idx.dim == 48 and len(idx.shards) == 3  # + the held-out shard
-    assert meta["shards"][-1]["held_out"] and meta["shards"][-1]["count"] == meta["tuning"]["queries"]
+    assert idx.ntotal == 5940 and idx.dim == 48 and len(idx.shards) == 2
+    # the tuning queries were held out of the tuned shards, then appended to the last one
+    assert meta["shards"][-1]["held_out_queries"] == meta["tuning"]["queries"] > 0
+    assert sum(s["count"] for s in meta["shards"]) == meta["count"]
     rows = np.array([1, 2, 3, 2500, 5999])  # row 0 is a failed row
     scores, ids = idx.search(vecs[rows], 3)
     assert ids[:, 0].tolist() == [f"img-{i:06d}" for i in rows]
@@ -279,11 +281,11 @@ def test_sharded_search_equals_unsharded_and_merged(small, tmp_path, ray_cluster
     common = dict(factory="IVF32,PQ12x8", train_sample=3000, progress=False, tuning_queries=200)
     one = build_index(str(folder / "results"), str(tmp_path / "one"), shards=1, use_ray=False, **common)
     many = build_index(str(folder / "results"), str(tmp_path / "many"), shards=4, merge=True, **common)
-    assert len(many["shards"]) == 5 and many["merged"]["count"] == one["count"]
+    assert len(many["shards"]) == 4 and many["merged"]["count"] == one["count"]
     a = open_index(str(tmp_path / "one"))
     b = open_index(str(tmp_path / "many"), prefer_merged=False)
     m = open_index(str(tmp_path / "many"), prefer_merged=True)
-    assert len(b.shards) == 5 and len(m.shards) == 1
+    assert len(b.shards) == 4 and len(m.shards) == 1
     queries = vecs[::37]
     for params in ("nprobe=1", "nprobe=8", "nprobe=32"):
         for idx in (a, b, m):
@@ -341,13 +343,41 @@ def test_resume_after_crash_gives_same_index(small, tmp_path):
     fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), factory="IVF32,PQ12x8", shards=4,
                         train_sample=3000, tuning_queries=200, use_ray=False, progress=False)
     assert (tmp_path / "fresh" / "_build" / "trained.faiss").read_bytes() == first_trained  # deterministic
-    for i in range(5):
+    for i in range(4):
         assert (tmp_path / "fresh" / f"shard-{i:05d}.faiss").read_bytes() == (out / f"shard-{i:05d}.faiss").read_bytes()
     a, b = open_index(str(out)), open_index(str(tmp_path / "fresh"))
     assert a.meta["search_params"] == fresh["search_params"]
     sa, ia = a.search(vecs[::50], 10)
     sb, ib = b.search(vecs[::50], 10)
     assert (ia == ib).all() and np.array_equal(sa, sb)
+
+
+def test_resume_after_crash_while_adding_the_held_out_queries(small, tmp_path):
+    folder, vecs = small
+    script = (
+        "import sys; from pipelines.index_build import build_index; "
+        "build_index(sys.argv[1], sys.argv[2], factory='IVF16,Flat', shards=2, tuning_queries=100, "
+        "use_ray=False, progress=True)"
+    )
+    out = tmp_path / "resumed"
+    env = {**os.environ, CRASH_ENV: "append", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", script, str(folder / "results"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert (out / "_build" / "tuning.json").exists() and not (out / "index.json").exists()
+    env.pop(CRASH_ENV)
+    proc = subprocess.run([sys.executable, "-c", script, str(folder / "results"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reusing the tuned search parameters" in proc.stderr
+    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), factory="IVF16,Flat", shards=2,
+                        tuning_queries=100, use_ray=False, progress=False)
+    resumed = json.loads((out / "index.json").read_text())
+    assert resumed["count"] == fresh["count"] == 5940 and resumed["shards"] == fresh["shards"]
+    assert resumed["search_params"] == fresh["search_params"] and resumed["recall"] == fresh["recall"]
+    for name in ("shard-00001.faiss", "shard-00001.ids.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(tmp_path / "fresh" / name)) if name.endswith(
+            "parquet") else (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
 
 
 def test_rerun_is_noop_and_changed_settings_rebuild(small, tmp_path):
@@ -357,7 +387,7 @@ def test_rerun_is_noop_and_changed_settings_rebuild(small, tmp_path):
     again = build_index(str(folder / "results"), str(tmp_path / "i"), **kw)
     assert again["created_at"] == first["created_at"]  # complete and unchanged: nothing rebuilt
     other = build_index(str(folder / "results"), str(tmp_path / "i"), shards=2, **kw)
-    assert len(other["shards"]) == 3 and not (tmp_path / "i" / "shard-00003.faiss").exists()
+    assert len(other["shards"]) == 2 and not (tmp_path / "i" / "shard-00002.faiss").exists()
     assert open_index(str(tmp_path / "i")).ntotal == first["count"]
 
 
