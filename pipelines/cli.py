@@ -84,7 +84,7 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     for name in JOB_HELP:
         _add_job(sub, name)
     for name, (_, _, _, help_text) in TOOLS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != tool)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if name == tool:
             add, run = _load_tool(name)
             add(p)

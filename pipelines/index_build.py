@@ -157,7 +157,7 @@ def _check_columns(schema: pa.Schema, id_column: str, embedding_column: str) -> 
     if missing:
         raise IndexBuildError(
             f"input lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)}); "
-            "set index.id_column / index.embedding_column"
+            "choose the columns with build_index(id_column=..., embedding_column=...) or index.embedding_column"
         )
     t = schema.field(embedding_column).type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):

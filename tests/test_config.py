@@ -191,3 +191,11 @@ def test_tools_are_registered_lazily(capsys):
     parser = cli.build_parser()
     names = set(re.findall(r"^    (\w+)", parser.format_help(), re.M))
     assert {"run", "embed", "label", "caption", "index", "search", "train", "export", "demo"} <= names
+
+
+@pytest.mark.parametrize("tool,flag", [("search", "--text"), ("train", "--steps"), ("export", "--format"),
+                                       ("demo", "--n")])
+def test_every_tool_has_help(tool, flag, capsys):
+    assert cli.main([tool, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: clip-etl {tool}") and flag in out
