@@ -52,10 +52,11 @@ __all__ = [
     "available_cpus",
     "cpu_has_native_bf16",
     "load_encoder",
+    "resolve_backend",
     "resolve_num_threads",
 ]
 
-BACKENDS = ("torch", "torchscript", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "torchscript", "onnx", "onnx-int8")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # Intra-op scaling of one batch flattens out well before this; more threads only contend.
 MAX_AUTO_THREADS = 32
@@ -146,6 +147,25 @@ def _onnx_cuda_available() -> bool:
     except ImportError:
         return False
     return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def resolve_backend(backend: str, device: str = "auto") -> str:
+    """``auto`` -> the fastest backend that gives the reference numbers on this device.
+
+    On CUDA that is ``torch`` (fp16 weights, SDPA kernels); on CPU it is ``onnx``, fp32 like
+    torch and within ~2e-7 of it, 1.2x its image and 1.1-2.4x its caption throughput on our
+    2-core benchmark (BENCHMARKS.md). Without onnxruntime/onnx installed, ``torch``. Other names pass through.
+    """
+    if backend != "auto":
+        return backend
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "torch"
+    try:
+        import onnx  # noqa: F401  (the export needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
 
 
 def resolve_device(device: str, backend: str) -> str:
@@ -527,7 +547,8 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
     """Build an :class:`Encoder` from a checkpoint (anything ``load_model`` takes) or an export directory.
 
     An export directory runs with the backend it was exported for; ``backend`` may name it or be
-    left at its default. A ``CLIP`` instance is accepted too (for notebooks and tests).
+    ``torch``/``auto``. ``backend="auto"`` picks ``torch`` on CUDA and ``onnx`` on CPU
+    (:func:`resolve_backend`). A ``CLIP`` instance is accepted too (for notebooks and tests).
     """
     from .checkpoints import load_model, model_fingerprint
     from .export import derived_fingerprint, is_export_dir, read_export_config
@@ -543,9 +564,10 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
     if not isinstance(source, CLIP) and is_export_dir(source):
         folder = Path(os.path.expanduser(str(source)))
         doc = read_export_config(folder)
-        if backend not in (doc["backend"], "torch"):
+        if backend not in (doc["backend"], "torch", "auto"):
             raise EncoderError(f"{folder} holds a {doc['backend']!r} export; it cannot run as backend {backend!r}")
         backend = doc["backend"]
+    backend = resolve_backend(backend, device)
     # Settle device and precision before any slow work (loading, exporting) so a bad request fails fast.
     device = resolve_device(device, backend)
     precision = resolve_precision(precision, backend, device)

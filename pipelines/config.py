@@ -26,7 +26,7 @@ import yaml
 
 # A job name -> which stages it runs; see :func:`apply_job`.
 JOBS = ("run", "embed", "label", "caption", "index")
-BACKENDS = ("torch", "torchscript", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "torchscript", "onnx", "onnx-int8")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -79,8 +79,9 @@ class ModelConfig:
     # open_clip, HF CLIPModel, our own .safetensors), or an exported model; s3:// is fetched once
     # per node. Must be readable from every node of the cluster.
     checkpoint: str = "demo"
-    # torch | torchscript | onnx | onnx-int8.
-    backend: str = "torch"
+    # auto | torch | torchscript | onnx | onnx-int8; auto = torch on GPU actors, onnx (fp32,
+    # exported once per node into the cache) on CPU actors: the fastest exact backend of each.
+    backend: str = "auto"
     # auto | fp32 | fp16 | bf16; auto = fp16 on GPU, fp32 on CPU.
     precision: str = "auto"
 

@@ -36,7 +36,7 @@ def demo_config_dict() -> dict[str, Any]:
     return {
         "input": {"path": "demo_output/data/manifest.parquet"},
         "output": {"path": "demo_output/run", "shard_size": 100},
-        "model": {"checkpoint": "demo", "backend": "torch", "precision": "auto"},
+        "model": {"checkpoint": "demo", "backend": "auto", "precision": "auto"},
         "embed": {"batch_size": 64, "actors": 1},
         "label": {"enabled": True, "classes": "demo", "templates": "demo", "top_k": 3},
         "caption": {"enabled": True, "vocabulary": "demo"},

@@ -38,7 +38,7 @@ class ModelSpec:
     """How an actor builds its encoder; plain data so it pickles to every node."""
 
     checkpoint: str  # "demo", a local path, or an s3:// URI (fetched once per node)
-    backend: str = "torch"  # torch | torchscript | onnx | onnx-int8
+    backend: str = "auto"  # auto | torch | torchscript | onnx | onnx-int8 (auto resolves per actor device)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None  # CPU threads for the model

@@ -120,11 +120,24 @@ def resolve_caption_vocabulary(cfg: PipelineConfig, s3: pio.S3Options) -> dict:
     return spec.to_dict()
 
 
+def _expects_gpu_actors(cfg: PipelineConfig) -> bool:
+    """Whether the model actors will most likely run on GPUs (before Ray tells us for sure)."""
+    gpus = cfg.embed.num_gpus
+    if gpus != "auto":
+        return float(gpus) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def load_driver_encoder(cfg: PipelineConfig, s3: pio.S3Options):
     """Load the model once on the driver (CPU): fail fast, and learn what the stages need."""
     from .embed import ModelSpec, load_job_encoder
 
-    spec = ModelSpec(cfg.model.checkpoint, cfg.model.backend, cfg.model.precision, device="cpu", s3=s3)
+    backend = cfg.model.backend
+    if backend == "auto" and _expects_gpu_actors(cfg):
+        backend = "torch"  # what GPU actors will resolve "auto" to: no ONNX export on the driver
+    spec = ModelSpec(cfg.model.checkpoint, backend, cfg.model.precision, device="cpu", s3=s3)
     try:
         return load_job_encoder(spec)
     except ImportError as e:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# Exports made by the tests (backend auto -> onnx on CPU) go to a throwaway cache, never the
+# user's ~/.cache; set before any Ray worker starts, so the workers inherit it.
+os.environ.setdefault("CLIP_ETL_CACHE_DIR", tempfile.mkdtemp(prefix="clip-etl-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -21,6 +21,7 @@ from clip_core.encoders import (
     EncoderError,
     cpu_has_native_bf16,
     load_encoder,
+    resolve_backend,
     resolve_num_threads,
     resolve_precision,
 )
@@ -204,6 +205,19 @@ def test_precision_resolution():
         resolve_precision("bf16", "onnx", "cpu")
     with pytest.raises(EncoderError, match="precision must be one of"):
         resolve_precision("fp8", "torch", "cpu")
+
+
+def test_auto_backend_is_torch_on_cuda_and_exact_onnx_on_cpu(tiny_model, monkeypatch):
+    assert resolve_backend("auto", "cuda") == "torch" and resolve_backend("onnx-int8", "cpu") == "onnx-int8"
+    assert resolve_backend("auto", "cpu") == "onnx"
+    enc = load_encoder(tiny_model, "auto", device="cpu")
+    assert enc.backend == "onnx" and enc.precision == "fp32" and enc.device == "cpu"
+    exact = load_encoder(tiny_model, "torch", "fp32", device="cpu")
+    px, tokens = pixels(3), exact.tokenize(TEXTS)
+    assert np.abs(enc.encode_images(px) - exact.encode_images(px)).max() <= 1e-4
+    assert np.abs(enc.encode_texts(tokens) - exact.encode_texts(tokens)).max() <= 1e-4
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: auto falls back to torch
+    assert resolve_backend("auto", "cpu") == "torch"
 
 
 def test_unknown_backend_and_device(tiny_model):

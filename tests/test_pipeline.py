@@ -135,12 +135,16 @@ def test_labels_and_captions_equal_direct_calls(full_run, dataset, tiny_encoder)
     assert table.column("caption").to_pylist() == Captioner(tiny_encoder).caption_embeddings(direct)
 
 
-def test_run_record(full_run, tiny_encoder):
+def test_run_record(full_run, tiny_checkpoint):
+    from clip_core.encoders import load_encoder
+
     record = json.loads((full_run["out"] / "_run.json").read_text())
     assert record["status"] == "succeeded" and record["job"] == "run"
     assert record["counts"]["rows_in"] == N and record["counts"]["rows_out"] == N
     assert record["counts"]["ok"] == N and record["counts"]["error"] == 0
-    assert record["model"]["fingerprint"] == tiny_encoder.fingerprint
+    # model.backend=auto on CPU actors: the ONNX export of the checkpoint, exported once and cached
+    assert record["model"]["backend"] == "onnx" and record["config"]["model"]["backend"] == "auto"
+    assert record["model"]["fingerprint"] == load_encoder(tiny_checkpoint, "onnx").fingerprint
     assert record["config"]["label"]["classes"] == CLASSES
     assert {"ray", "torch", "pyarrow"} <= set(record["versions"])
     for key in ("manifest_s", "model_check_s", "process_s", "total_s"):
