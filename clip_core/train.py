@@ -48,10 +48,12 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from ~0 to ``lr``
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
     seed: int = 0  # seeds shuffling, augmentation and anything random in the loop
+    shuffle: bool = True  # shuffle each epoch (off for datasets whose order is random and meaningful)
     num_threads: int | None = None  # torch intra-op threads; None keeps the current setting
     loader_workers: int = 0  # DataLoader worker processes (0 = decode in the training process)
     log_every: int = 20  # print a progress line every N steps (0 = never)
     eval_every: int = 0  # call ``eval_fn`` every N steps (0 = only at the end)
+    checkpoint_every: int = 0  # call ``checkpoint_fn`` every N steps (0 = never; the caller saves the result)
     pca_patch_init: bool = False  # start the patch embedding from whitened PCA of training patches (fresh models only)
     pca_images: int = 2000  # images sampled from the dataset for that PCA
 
@@ -221,13 +223,16 @@ def train(
     *,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     log_fn: Callable[[str], None] | None = print,
+    checkpoint_fn: Callable[[nn.Module, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``pairs_dataset``; return the history.
 
     The history holds per-logged-step lists (``step``, ``loss``, ``lr``, ``logit_scale``,
     ``images_per_s``), ``eval`` (a list of ``{"step": ..., **eval_fn(model)}``), ``steps``,
     ``images_seen`` and ``wall_time_s``. Under torch.distributed, logging and ``eval_fn`` run on
-    rank 0 only and ``images_per_s`` / ``images_seen`` count all workers.
+    rank 0 only and ``images_per_s`` / ``images_seen`` count all workers. ``checkpoint_fn(model,
+    step)`` runs on rank 0 every ``cfg.checkpoint_every`` steps, so a long run that is stopped
+    leaves its latest weights behind.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -247,7 +252,7 @@ def train(
         from torch.utils.data.distributed import DistributedSampler
 
         net = DistributedDataParallel(base)
-        sampler = DistributedSampler(pairs_dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+        sampler = DistributedSampler(pairs_dataset, num_replicas=world, rank=rank, shuffle=cfg.shuffle, seed=cfg.seed,
                                      drop_last=True)
 
     per_worker = len(pairs_dataset) // world if sampler is not None else len(pairs_dataset)
@@ -257,11 +262,11 @@ def train(
     loader = DataLoader(
         pairs_dataset,
         batch_size=batch_size,
-        shuffle=sampler is None,
+        shuffle=sampler is None and cfg.shuffle,
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.loader_workers,
-        generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
+        generator=torch.Generator().manual_seed(cfg.seed) if sampler is None and cfg.shuffle else None,
         persistent_workers=cfg.loader_workers > 0,
     )
     steps_per_epoch = len(loader)
@@ -327,6 +332,9 @@ def train(
                 t_window, n_window, loss_window = now, 0, 0.0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 run_eval(step)
+            if checkpoint_fn is not None and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and step < total:
+                checkpoint_fn(base, step)
             if step >= total:
                 break
         epoch += 1

@@ -40,14 +40,26 @@ COLOR_HUES: dict[str, tuple[float, float]] = {
     "green": (125.0, 15.0),
     "blue": (222.0, 12.0),
     "purple": (280.0, 10.0),
+    # Three more colors, each seen with every shape. Besides being classes of their own, they
+    # make a model's shape features color-invariant: with only six colors, one of them held out
+    # per shape, a small ViT learns "triangle" from the edge colors it saw and misses a green one.
+    "gray": (0.0, 180.0),
+    "pink": (330.0, 8.0),
+    "cyan": (185.0, 6.0),
+}
+# (saturation range, value range) where a color differs from the saturated default.
+_COLOR_SV: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "gray": ((0.0, 0.06), (0.42, 0.62)),
+    "pink": ((0.38, 0.58), (0.92, 1.0)),
 }
 COLORS: tuple[str, ...] = tuple(COLOR_HUES)
 BACKGROUNDS: tuple[str, ...] = ("light", "dark")
 TEXTURES: tuple[str, ...] = ("plain", "gradient", "noisy")
 SIZES: tuple[str, ...] = ("small", "large")
 
-# One held-out color per shape and one shape per color (a Latin-square diagonal), so each word
-# is still seen in training with five partners and each held-out pair is a new composition.
+# One held-out color per shape and one shape per color (a Latin-square diagonal) among the six
+# primary colors, so each word is still seen in training with other partners (every shape in
+# eight colors, every held-out color with five shapes) and each held-out pair is a new composition.
 DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
     ("circle", "orange"),
     ("square", "purple"),
@@ -70,12 +82,15 @@ class SplitRules:
     val_fraction: float = 0.1  # share of seen-combination images kept out of train for validation
     unseen_fraction: float | None = None  # share of all images from held-out pairs; None = their natural share
 
-    def validate(self) -> None:
+    def validate(self, colors: Sequence[str] = COLORS) -> None:
+        unknown = [c for c in colors if c not in COLORS]
+        if unknown or not colors:
+            raise ValueError(f"unknown color(s) {unknown or '(none given)'}; known: {', '.join(COLORS)}")
         for shape, color in self.held_out:
-            if shape not in SHAPES or color not in COLORS:
+            if shape not in SHAPES or color not in colors:
                 raise ValueError(f"held-out pair ({shape!r}, {color!r}) is not a known shape and color")
-        seen = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in set(self.held_out)]
-        missing = [w for w in SHAPES + COLORS if not any(w in pair for pair in seen)]
+        seen = self.seen_pairs(colors)
+        missing = [w for w in SHAPES + tuple(colors) if not any(w in pair for pair in seen)]
         if missing:
             raise ValueError(f"held-out pairs leave no training image for: {', '.join(missing)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -83,9 +98,9 @@ class SplitRules:
         if self.unseen_fraction is not None and not 0.0 <= self.unseen_fraction < 1.0:
             raise ValueError(f"unseen_fraction must be in [0, 1), got {self.unseen_fraction}")
 
-    def seen_pairs(self) -> list[tuple[str, str]]:
+    def seen_pairs(self, colors: Sequence[str] = COLORS) -> list[tuple[str, str]]:
         held = set(self.held_out)
-        return [(s, c) for s in SHAPES for c in COLORS if (s, c) not in held]
+        return [(s, c) for s in SHAPES for c in colors if (s, c) not in held]
 
 
 @dataclass
@@ -150,10 +165,14 @@ def _hsv_rgb(h_deg: float, s: float, v: float) -> np.ndarray:
 def _shape_rgb(rng: np.random.Generator, color: str, background: str) -> tuple[int, int, int]:
     hue, jitter = COLOR_HUES[color]
     h = hue + rng.uniform(-jitter, jitter)
+    if color in _COLOR_SV:
+        (s_lo, s_hi), (v_lo, v_hi) = _COLOR_SV[color]
+        s, v = rng.uniform(s_lo, s_hi), rng.uniform(v_lo, v_hi)
+        return tuple(int(round(x)) for x in _hsv_rgb(h, s, v))  # type: ignore[return-value]
     s = rng.uniform(0.75, 1.0)
-    # Yellow and orange stay bright (a dark yellow reads as olive/brown); on dark backgrounds
-    # every color stays bright enough to stand out.
-    v_low = 0.85 if color in ("yellow", "orange") else (0.7 if background == "dark" else 0.55)
+    # Yellow, orange and cyan stay bright (a dark yellow reads as olive/brown); on dark
+    # backgrounds every color stays bright enough to stand out.
+    v_low = 0.85 if color in ("yellow", "orange", "cyan") else (0.7 if background == "dark" else 0.55)
     v = rng.uniform(v_low, 1.0)
     return tuple(int(round(x)) for x in _hsv_rgb(h, s, v))  # type: ignore[return-value]
 
@@ -234,17 +253,26 @@ def _where(position: str) -> str:
     return f"at the {position}" if position in ("top", "bottom") else f"on the {position}"
 
 
-def caption(rng: np.random.Generator, spec: ShapeSpec) -> str:
+DEFAULT_PARTIAL_CAPTIONS = 0.35  # share of captions naming one attribute only (see ``caption``)
+# Share of the other captions that also name size, background or position. Kept low on purpose:
+# those are easier to see than shape, and when most captions carry them a contrastive model can
+# tell a batch's pairs apart without ever learning shapes.
+DETAIL_SHARE = 0.3
+
+
+def caption(rng: np.random.Generator, spec: ShapeSpec, partial: float = DEFAULT_PARTIAL_CAPTIONS) -> str:
     """One natural caption of ``spec``; most name color and shape, some only one attribute.
 
     The phrasings vary word order and context (article, size, background, position), so the
     text tower learns the attribute words rather than a fixed sentence per class. Single-attribute
-    captions ("a blue shape", "a star") teach those words alone, which the captioner relies on.
+    captions ("a blue shape", "a star"), a share ``partial`` of all, teach those words alone: the
+    captioner relies on them, and they push a model to represent color and shape separately, which
+    is what lets it name shape-color pairs it never saw.
     """
     s, c, bg, sz, pos = spec.shape, spec.color, spec.background, spec.size, spec.position
     u = rng.random()
-    if u < 0.12:  # one attribute only
-        partial = [
+    if u < partial:  # one attribute only
+        phrasings = [
             f"{_article(c)} {c} shape",
             f"something {c}",
             f"{_article(s)} {s}",
@@ -257,10 +285,11 @@ def caption(rng: np.random.Generator, spec: ShapeSpec) -> str:
             f"a shape on a {bg} background",
             f"something on a {bg} background",
         ]
-        return partial[rng.integers(len(partial))]
-    np_ = f"{c} {s}" if rng.random() < 0.6 else f"{sz} {c} {s}"
+        return phrasings[rng.integers(len(phrasings))]
+    detailed = rng.random() < DETAIL_SHARE
+    np_ = f"{sz} {c} {s}" if detailed and rng.random() < 0.4 else f"{c} {s}"
     a = _article(np_)
-    full = [
+    plain = [
         f"{a} {np_}",
         f"{np_}",
         f"the {np_}",
@@ -268,6 +297,14 @@ def caption(rng: np.random.Generator, spec: ShapeSpec) -> str:
         f"a photo of the {np_}.",
         f"a drawing of {a} {np_}",
         f"a picture of the {np_}",
+        f"{_article(s)} {s} in {c}",
+        f"{_article(s)} {s} colored {c}",
+        f"the {s} is {c}",
+        f"{_article(c)} {c}-colored {s}",
+    ]
+    if not detailed:
+        return plain[rng.integers(len(plain))]
+    full = [
         f"{a} {np_} on a {bg} background",
         f"the {np_} on a {bg} background",
         f"the {np_} on a {bg} background.",
@@ -276,21 +313,17 @@ def caption(rng: np.random.Generator, spec: ShapeSpec) -> str:
         f"{a} {np_} {_where(pos)}",
         f"the {np_} {_where(pos)}",
         f"{a} {np_} {_where(pos)} of a {bg} background",
-        f"{_article(s)} {s} in {c}",
-        f"{_article(s)} {s} colored {c}",
         f"{_article(sz)} {sz} {s} in {c} on a {bg} background",
-        f"the {s} is {c}",
-        f"{_article(c)} {c}-colored {s}",
         f"there is {a} {np_} on a {bg} background",
     ]
     return full[rng.integers(len(full))]
 
 
-def _assign(n: int, rules: SplitRules, seed: int) -> list[tuple[str, str, str]]:
+def _assign(n: int, rules: SplitRules, seed: int, colors: Sequence[str] = COLORS) -> list[tuple[str, str, str]]:
     """(split, shape, color) per image: exact split counts, classes balanced round-robin, shuffled."""
-    rules.validate()
+    rules.validate(colors)
     held = list(rules.held_out)
-    seen = rules.seen_pairs()
+    seen = rules.seen_pairs(colors)
     frac = rules.unseen_fraction if rules.unseen_fraction is not None else len(held) / (len(held) + len(seen))
     n_unseen = int(round(n * frac)) if held else 0
     n_val = int(round((n - n_unseen) * rules.val_fraction))
@@ -327,11 +360,15 @@ def generate_sample_set(
     split_rules: SplitRules = SplitRules(),
     fmt: str = "jpeg",
     max_rotation: float = 25.0,
+    partial_captions: float = DEFAULT_PARTIAL_CAPTIONS,
+    colors: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Path:
     """Write ``n_images`` captioned images under ``out_dir/images/`` and ``out_dir/manifest.parquet``.
 
     Returns the manifest path. ``fmt`` is "jpeg", "png" or "mixed" (a seeded per-image choice).
+    Shapes turn by up to +-``max_rotation`` degrees; ``partial_captions`` is the share of captions
+    naming a single attribute; ``colors`` restricts the palette (default: all of ``COLORS``).
     Image paths in the manifest are relative to it, so the folder can be moved as a whole.
     """
     if fmt not in ("jpeg", "png", "mixed"):
@@ -340,14 +377,14 @@ def generate_sample_set(
         raise ValueError("n_images must be >= 1")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    plan = _assign(n_images, split_rules, seed)
+    plan = _assign(n_images, split_rules, seed, tuple(colors) if colors is not None else COLORS)
     cols: dict[str, list] = {k: [] for k in MANIFEST_COLUMNS}
     t0 = time.time()
     for i, (split, shape, color) in enumerate(plan):
         rng = np.random.default_rng([seed, i])
         spec = sample_spec(rng, shape, color, max_rotation)
         img = draw(spec, image_size, rng)
-        text = caption(rng, spec)
+        text = caption(rng, spec, partial_captions)
         img_fmt = fmt if fmt != "mixed" else ("png" if rng.random() < 0.5 else "jpeg")
         data, ext = _encode(img, img_fmt, rng)
         image_id = f"s{seed}-{i:06d}"
@@ -383,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--image-size", type=int, default=96, help="image side in pixels")
     p.add_argument("--format", dest="fmt", choices=("jpeg", "png", "mixed"), default="jpeg")
+    p.add_argument("--partial-captions", type=float, default=DEFAULT_PARTIAL_CAPTIONS,
+                   help="share of captions that name a single attribute")
+    p.add_argument("--colors", default=None, help=f"comma-separated palette (default: all of {', '.join(COLORS)})")
     p.add_argument("--max-rotation", type=float, default=25.0, help="shapes turn by up to +- this many degrees")
     p.add_argument("--val-fraction", type=float, default=SplitRules.val_fraction)
     p.add_argument("--unseen-fraction", type=float, default=None,
@@ -403,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = generate_sample_set(args.out, args.n, seed=args.seed, image_size=args.image_size,
                                        split_rules=rules, fmt=args.fmt,
-                                       max_rotation=args.max_rotation, progress=True)
+                                       max_rotation=args.max_rotation, partial_captions=args.partial_captions,
+                                       colors=[c.strip() for c in args.colors.split(",")] if args.colors else None,
+                                       progress=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,10 @@ manifest (local or ``s3://``; relative image paths resolve against the manifest'
 the model (a preset with fresh weights, or a checkpoint to fine-tune), optionally measure
 zero-shot accuracy on labelled held-out rows while training, and write a native checkpoint.
 
+``--synthetic-pairs N`` trains on N freshly generated pairs of the demo's generator instead of
+the manifest's rows (the manifest then only supplies the evaluation rows): how the bundled demo
+model is trained, since a small ViT memorises a fixed set of images long before it learns shapes.
+
 ``--workers N`` (N > 1) runs the same loop under Ray Train's ``TorchTrainer``: N workers with
 DistributedDataParallel over gloo, so it scales across CPU nodes of a Ray cluster; rank 0 reports
 the trained weights back as a Ray Train checkpoint and the driver writes ``--out``.
@@ -67,6 +71,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     p.add_argument("--no-augment", action="store_true", help="disable the light random-crop augmentation")
+    p.add_argument("--synthetic-pairs", type=int, default=0, metavar="N",
+                   help="train on N freshly generated demo pairs (pipelines.synthetic_pairs, seen shape-color "
+                        "pairs only) instead of the manifest's rows; the manifest still gives the evaluation rows")
+    p.add_argument("--synthetic-group", type=int, default=8, metavar="G",
+                   help="with --synthetic-pairs: groups of G consecutive pairs share a color and background "
+                        "(hard negatives in every batch; 1 = independent pairs)")
     p.add_argument("--pca-patch-init", action="store_true",
                    help="start the patch embedding from whitened PCA of training patches (fresh presets only)")
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
@@ -78,6 +88,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--label-column", default="true_label", help="column with each row's true class name")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--history", default=None, help="write the training history (JSON) here")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write --out every N steps, so an interrupted run keeps its latest weights (local runs)")
     return p
 
 
@@ -88,7 +100,8 @@ def train_config_from_args(args: argparse.Namespace):
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None,
         seed=args.seed, num_threads=args.threads, loader_workers=args.loader_workers, log_every=args.log_every,
-        eval_every=args.eval_every, pca_patch_init=args.pca_patch_init,
+        eval_every=args.eval_every, pca_patch_init=args.pca_patch_init, checkpoint_every=args.save_every,
+        shuffle=not args.synthetic_pairs,  # generated pairs are random already, and grouped in order
     )
 
 
@@ -128,7 +141,8 @@ def load_train_data(args: argparse.Namespace, eval_splits: Sequence[str] = ()) -
         raise ValueError(f"{args.manifest}: --split given but there is no column {args.split_column!r}")
 
     data = TrainData(images=[], captions=[])
-    for i in range(n):
+    synthetic = getattr(args, "synthetic_pairs", 0)
+    for i in range(n if not synthetic else 0):
         if args.split is not None and splits[i] != args.split:
             continue
         image, text = rows[args.image_column][i], rows[args.text_column][i]
@@ -144,7 +158,7 @@ def load_train_data(args: argparse.Namespace, eval_splits: Sequence[str] = ()) -
             idx = [i for i in range(n) if splits[i] == name and rows[args.image_column][i] is not None]
             data.eval_sets[name] = ([_resolve_image(rows[args.image_column][i], base, is_s3) for i in idx],
                                     [rows[args.label_column][i] for i in idx])
-    if len(data.images) < 2:
+    if len(data.images) < 2 and not synthetic:
         raise ValueError(f"{args.manifest}: {len(data.images)} usable training rows; need at least 2")
     return data
 
@@ -203,13 +217,35 @@ def make_eval_fn(model, eval_sets: dict[str, tuple[list[Any], list[str]]], promp
     return eval_fn
 
 
-def _fit_local(model, data: TrainData, cfg, augment: bool, prompts) -> dict[str, Any]:
+def make_dataset(model, data: TrainData, augment: bool, synthetic_pairs: int = 0, seed: int = 0,
+                 synthetic_group: int = 1):
+    """The manifest's pairs, or ``synthetic_pairs`` freshly generated ones (no crop: every image is new)."""
     from clip_core.preprocess import image_transform
-    from clip_core.train import PairsDataset, train
+    from clip_core.train import PairsDataset
 
-    dataset = PairsDataset(data.images, data.captions, image_transform(model.image_size),
-                           context_length=model.context_length, augment=augment)
-    return train(model, dataset, cfg, eval_fn=make_eval_fn(model, data.eval_sets, prompts))
+    transform = image_transform(model.image_size)
+    if synthetic_pairs:
+        from .synthetic_pairs import SyntheticPairs
+
+        return SyntheticPairs(synthetic_pairs, transform, seed=seed, context_length=model.context_length,
+                              group_size=synthetic_group)
+    return PairsDataset(data.images, data.captions, transform, context_length=model.context_length, augment=augment)
+
+
+def _fit_local(model, data: TrainData, cfg, augment: bool, prompts, out: str | None = None,
+               save_dtype: str = "float32", synthetic_pairs: int = 0, synthetic_group: int = 1) -> dict[str, Any]:
+    import torch
+
+    from clip_core.checkpoints import save_model
+    from clip_core.train import train
+
+    def checkpoint(m, step: int) -> None:
+        save_model(m, out, dtype=getattr(torch, save_dtype))
+        print(f"step {step}: saved {out}", flush=True)
+
+    dataset = make_dataset(model, data, augment, synthetic_pairs, cfg.seed, synthetic_group)
+    return train(model, dataset, cfg, eval_fn=make_eval_fn(model, data.eval_sets, prompts),
+                 checkpoint_fn=checkpoint if out else None)
 
 
 # ----------------------------------------------------------------------------- Ray Train
@@ -228,16 +264,15 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from clip_core.checkpoints import save_model
-    from clip_core.preprocess import image_transform
-    from clip_core.train import PairsDataset, TrainConfig, train
+    from clip_core.train import TrainConfig, train
 
     cfg = TrainConfig(**config["train_config"])
     if cfg.num_threads is None:
         torch.set_num_threads(1)  # Ray gives each worker one CPU; more threads only contend
     model = build_model(config["model"], cfg.seed)
     data: TrainData = config["data"]
-    dataset = PairsDataset(data.images, data.captions, image_transform(model.image_size),
-                           context_length=model.context_length, augment=config["augment"])
+    dataset = make_dataset(model, data, config["augment"], config["synthetic_pairs"], cfg.seed,
+                           config["synthetic_group"])
     rank = ray.train.get_context().get_world_rank()
     eval_fn = make_eval_fn(model, data.eval_sets, config["prompts"]) if rank == 0 else None
     history = train(model, dataset, cfg, eval_fn=eval_fn, log_fn=_stdout_line)
@@ -266,7 +301,8 @@ def _fit_ray(args: argparse.Namespace, data: TrainData, cfg, prompts):
         trainer = TorchTrainer(
             _ray_train_loop,
             train_loop_config={"train_config": cfg.to_dict(), "model": args.model, "data": data,
-                               "augment": not args.no_augment, "prompts": prompts},
+                               "augment": not args.no_augment, "prompts": prompts,
+                               "synthetic_pairs": args.synthetic_pairs, "synthetic_group": args.synthetic_group},
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False, resources_per_worker={"CPU": 1}),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(name="clip-etl-train", storage_path=storage),
@@ -300,7 +336,9 @@ def run_train(args: argparse.Namespace) -> int:
         prompts = load_prompts(args.eval_prompts)
         eval_splits = [s for s in args.eval_splits.split(",") if s] if prompts else []
         data = load_train_data(args, eval_splits)
-        print(f"manifest {args.manifest}: {len(data.images)} training pairs"
+        print(f"manifest {args.manifest}: "
+              + (f"{args.synthetic_pairs} generated training pairs instead of its rows" if args.synthetic_pairs
+                 else f"{len(data.images)} training pairs")
               + (f" (split {args.split!r})" if args.split else "")
               + (f", {data.skipped} rows skipped (no image or text)" if data.skipped else "")
               + "".join(f", {len(v[0])} {k} rows for evaluation" for k, v in data.eval_sets.items()), flush=True)
@@ -308,7 +346,8 @@ def run_train(args: argparse.Namespace) -> int:
             model, history = _fit_ray(args, data, cfg, prompts)
         else:
             model = build_model(args.model, cfg.seed)
-            history = _fit_local(model, data, cfg, not args.no_augment, prompts)
+            history = _fit_local(model, data, cfg, not args.no_augment, prompts, args.out, args.save_dtype,
+                                 args.synthetic_pairs, args.synthetic_group)
         save_model(model, args.out, dtype=getattr(torch, args.save_dtype))
     except Exception as e:  # a job-level failure: one clear line, non-zero exit
         print(f"clip-etl train: error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -341,9 +341,8 @@ def test_fast_paths_keep_accuracy(accuracy_case, backend, precision):
     if accuracy_case["which"] != "demo":
         pytest.skip("zero-shot agreement needs a trained model (random weights give near-tied logits); "
                     f"mean cosine held: {figures}")
-    # Target 0.95; measured 0.91 for int8 on the current demo model, whose 36 class scores are
-    # close together (BENCHMARKS.md). The floor catches a broken quantized graph.
-    assert figures["top1_agreement"] >= 0.85
+    # On the bundled demo model (54 classes): measured 0.995 for int8 and 0.991 for bf16 (BENCHMARKS.md).
+    assert figures["top1_agreement"] >= 0.95
 
 
 def test_onnx_fp32_matches_torch_on_the_accuracy_model(accuracy_case):

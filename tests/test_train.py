@@ -189,6 +189,44 @@ def test_pairs_dataset_items(sample64):
         PairsDataset(images, ["one caption"], image_transform(32))
 
 
+def test_synthetic_pairs_are_reproducible_fresh_and_never_held_out():
+    from pipelines.synthetic_pairs import SyntheticPairs
+
+    ds = SyntheticPairs(400, image_transform(32), seed=5, context_length=32)
+    again = SyntheticPairs(400, image_transform(32), seed=5, context_length=32)
+    pixels, tokens = ds[7]
+    assert pixels.shape == (3, 32, 32) and tokens.shape == (32,) and tokens.dtype == torch.long
+    assert torch.equal(pixels, again[7][0]) and torch.equal(tokens, again[7][1])  # item i is a pure function of i
+    assert not torch.equal(pixels, ds[8][0])
+    examples = [ds.example(i) for i in range(len(ds))]
+    pairs = {pair for _, _, pair in examples}
+    assert not pairs & set(DEFAULT_HELD_OUT)  # the test_unseen combinations never appear
+    assert len(pairs) > 0.8 * len(SplitRules().seen_pairs())  # and the seen ones all do, about
+    for img, text, (shape, color) in examples:  # captions name no other shape or color than their own
+        words = set(text.replace(".", " ").replace(",", " ").split())
+        assert img.size == (96, 96) and not (words & (set(SHAPES) | set(COLORS))) - {shape, color}, text
+    other = SyntheticPairs(400, image_transform(32), seed=6, context_length=32)
+    assert not torch.equal(other[7][0], pixels)
+    with pytest.raises(IndexError):
+        ds.example(400)
+
+
+def test_synthetic_groups_share_color_and_background_but_not_shape():
+    from pipelines.synthetic_pairs import SyntheticPairs
+
+    ds = SyntheticPairs(64, image_transform(32), seed=1, context_length=32, group_size=8)
+    groups = [[ds.example(i) for i in range(g, g + 8)] for g in range(0, 64, 8)]
+    for group in groups:
+        assert len({color for _, _, (_, color) in group}) == 1
+        assert len({shape for _, _, (shape, _) in group}) >= 2
+        assert not {pair for _, _, pair in group} & set(DEFAULT_HELD_OUT)
+        corner = {tuple(img.getpixel((1, 1))) for img, _, _ in group}
+        assert len({sum(px) > 3 * 127 for px in corner}) == 1  # one background lightness per group
+    assert len({group[0][2][1] for group in groups}) >= 3  # groups differ in color
+    with pytest.raises(ValueError):
+        SyntheticPairs(64, image_transform(32), group_size=0)
+
+
 def test_pca_patch_init_whitens_the_patch_embedding(sample64):
     rows = _rows(sample64)
     pixels = torch.stack([image_transform(32)(load_image(str(sample64.parent / r["image"]))) for r in rows])
@@ -214,7 +252,7 @@ def test_loss_decreases_on_a_tiny_model(sample64):
     losses = history["loss"]
     assert history["steps"] == 30 and len(losses) == 10
     assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.8 * losses[0] and sum(losses[-3:]) < sum(losses[:3]), losses
     assert not model.training  # returned ready for inference
 
 
@@ -236,16 +274,37 @@ def test_run_train_writes_a_loadable_checkpoint(sample64, tmp_path, capsys):
     out, hist = tmp_path / "out" / "model.safetensors", tmp_path / "history.json"
     args = _train_args(str(sample64), "--model", str(base), "--out", str(out), "--steps", "6", "--batch-size", "16",
                        "--warmup-steps", "2", "--log-every", "2", "--eval-prompts", str(prompts),
-                       "--history", str(hist), "--save-dtype", "float16")
+                       "--history", str(hist), "--save-dtype", "float16", "--save-every", "3")
     assert run_train(args) == 0
     printed = capsys.readouterr().out
     assert "step 6/6" in printed and "img/s" in printed and "logit_scale" in printed
+    assert f"step 3: saved {out}" in printed  # periodic checkpoint of a long run
     model = load_model(out)
     assert model.config == load_model(base).config
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), load_model(base).state_dict().values()))
     history = json.loads(hist.read_text())
     assert history["steps"] == 6
     assert {"zeroshot_top1/val", "zeroshot_top1/test_unseen"} <= set(history["eval"][-1])
+
+
+def test_run_train_on_generated_pairs_evaluates_on_the_manifest(sample64, tmp_path, capsys):
+    from clip_core.checkpoints import save_model
+
+    base = tmp_path / "tiny.safetensors"
+    save_model(tiny_model(), base)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"classes": [class_name(s, c) for s in SHAPES for c in COLORS],
+                                   "templates": ["the {}."]}))
+    out, hist = tmp_path / "gen.safetensors", tmp_path / "history.json"
+    args = _train_args(str(sample64), "--model", str(base), "--out", str(out), "--synthetic-pairs", "5000",
+                       "--steps", "4", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "2",
+                       "--eval-prompts", str(prompts), "--history", str(hist))
+    assert run_train(args) == 0
+    assert "5000 generated training pairs instead of its rows" in capsys.readouterr().out
+    history = json.loads(hist.read_text())
+    assert history["images_seen"] == 32 and {"zeroshot_top1/val", "zeroshot_top1/test_unseen"} <= set(history["eval"][-1])
+    assert any(not torch.equal(a, b) for a, b in zip(load_model(out).state_dict().values(),
+                                                     load_model(base).state_dict().values()))
 
 
 def test_run_train_fails_cleanly_on_a_bad_manifest(tmp_path, capsys):
@@ -297,9 +356,10 @@ def test_run_train_with_two_ray_train_workers(sample64, tmp_path):
 def test_committed_demo_model_reaches_its_zero_shot_bound(tmp_path):
     """The bundled model, on images it never saw (a fresh seed), incl. shape-color pairs never trained on.
 
-    The product's target is 90% on both splits; the shipped model measures 48% / 37% here (see
-    clip_core/assets/DEMO_MODEL_CARD.md). These floors, far above the 2.8% chance level, catch a
-    broken model, loader, tokenizer or preprocessing; raise them when a better model ships.
+    The product's target is 90% on both splits; the shipped model measures 97.3% / 89.3% here
+    (98.2% / 86.6% on 500 + 500 images of the same seed; see clip_core/assets/DEMO_MODEL_CARD.md).
+    The floors sit a few images below the measured figures (75 images per split), far above the
+    1.9% chance level: they catch a worse model as well as a broken loader, tokenizer or preprocessing.
     """
     assert DEMO_MODEL.is_file(), f"missing {DEMO_MODEL}"
     assert DEMO_MODEL.stat().st_size < 16e6
@@ -321,5 +381,5 @@ def test_committed_demo_model_reaches_its_zero_shot_bound(tmp_path):
     acc = {split: sum(c for c, r in zip(correct, rows) if r["split"] == split)
            / sum(r["split"] == split for r in rows) for split in ("val", "test_unseen")}
     assert sum(r["split"] == "test_unseen" for r in rows) == 75
-    assert acc["val"] >= 0.35, acc
-    assert acc["test_unseen"] >= 0.25, acc
+    assert acc["val"] >= 0.90, acc
+    assert acc["test_unseen"] >= 0.80, acc
