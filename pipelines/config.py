@@ -80,7 +80,7 @@ class ModelConfig:
     # per node. Must be readable from every node of the cluster.
     checkpoint: str = "demo"
     # auto | torch | torchscript | onnx | onnx-int8; auto = torch on GPU actors, onnx (fp32,
-    # exported once per node into the cache) on CPU actors: the fastest exact backend of each.
+    # exported on first use into each node's cache) on CPU actors: the fastest exact backend of each.
     backend: str = "auto"
     # auto | fp32 | fp16 | bf16; auto = fp16 on GPU, fp32 on CPU.
     precision: str = "auto"
