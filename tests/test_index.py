@@ -315,33 +315,37 @@ def test_flat_shards_equal_exact_search(small, tmp_path, ray_cluster):
     assert (ids == names[ti]).mean() > 0.99  # equal up to exact ties
 
 
+def _build_in_subprocess(results, out, crash: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``build_index(results, out, use_ray=False, progress=True, **kwargs)`` in a fresh interpreter,
+    told to exit abruptly at ``crash`` (see CRASH_ENV) when given."""
+    script = ("import json, sys; from pipelines.index_build import build_index; "
+              "build_index(sys.argv[1], sys.argv[2], use_ray=False, progress=True, **json.loads(sys.argv[3]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    env.pop(CRASH_ENV, None)
+    if crash is not None:
+        env[CRASH_ENV] = crash
+    return subprocess.run([sys.executable, "-c", script, str(results), str(out), json.dumps(kwargs)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_resume_after_crash_gives_same_index(small, tmp_path):
     folder, vecs = small
-    script = (
-        "import sys; from pipelines.index_build import build_index; "
-        "build_index(sys.argv[1], sys.argv[2], factory='IVF32,PQ12x8', shards=4, train_sample=3000, "
-        "tuning_queries=200, use_ray=False, progress=True)"
-    )
+    kw = dict(factory="IVF32,PQ12x8", shards=4, train_sample=3000, tuning_queries=200)
     out = tmp_path / "resumed"
-    env = {**os.environ, CRASH_ENV: "2", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", script, str(folder / "results"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _build_in_subprocess(folder / "results", out, crash="2", **kw)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert (out / "shard-00000.faiss").exists() and (out / "shard-00001.faiss").exists()
     assert not (out / "shard-00002.faiss").exists() and not (out / "index.json").exists()
     first_trained = (out / "_build" / "trained.faiss").read_bytes()
     shard0 = (out / "shard-00000.faiss").stat().st_mtime_ns
 
-    env.pop(CRASH_ENV)
-    proc = subprocess.run([sys.executable, "-c", script, str(folder / "results"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _build_in_subprocess(folder / "results", out, **kw)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 shard(s) already built; 2 to do" in proc.stderr
     assert (out / "shard-00000.faiss").stat().st_mtime_ns == shard0  # kept, not rebuilt
     assert (out / "_build" / "trained.faiss").read_bytes() == first_trained
 
-    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), factory="IVF32,PQ12x8", shards=4,
-                        train_sample=3000, tuning_queries=200, use_ray=False, progress=False)
+    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), use_ray=False, progress=False, **kw)
     assert (tmp_path / "fresh" / "_build" / "trained.faiss").read_bytes() == first_trained  # deterministic
     for i in range(4):
         assert (tmp_path / "fresh" / f"shard-{i:05d}.faiss").read_bytes() == (out / f"shard-{i:05d}.faiss").read_bytes()
@@ -353,31 +357,21 @@ def test_resume_after_crash_gives_same_index(small, tmp_path):
 
 
 def test_resume_after_crash_while_adding_the_held_out_queries(small, tmp_path):
-    folder, vecs = small
-    script = (
-        "import sys; from pipelines.index_build import build_index; "
-        "build_index(sys.argv[1], sys.argv[2], factory='IVF16,Flat', shards=2, tuning_queries=100, "
-        "use_ray=False, progress=True)"
-    )
+    folder, _ = small
+    kw = dict(factory="IVF16,Flat", shards=2, tuning_queries=100)
     out = tmp_path / "resumed"
-    env = {**os.environ, CRASH_ENV: "append", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", script, str(folder / "results"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _build_in_subprocess(folder / "results", out, crash="append", **kw)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert (out / "_build" / "tuning.json").exists() and not (out / "index.json").exists()
-    env.pop(CRASH_ENV)
-    proc = subprocess.run([sys.executable, "-c", script, str(folder / "results"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _build_in_subprocess(folder / "results", out, **kw)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reusing the tuned search parameters" in proc.stderr
-    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), factory="IVF16,Flat", shards=2,
-                        tuning_queries=100, use_ray=False, progress=False)
+    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), use_ray=False, progress=False, **kw)
     resumed = json.loads((out / "index.json").read_text())
     assert resumed["count"] == fresh["count"] == 5940 and resumed["shards"] == fresh["shards"]
     assert resumed["search_params"] == fresh["search_params"] and resumed["recall"] == fresh["recall"]
-    for name in ("shard-00001.faiss", "shard-00001.ids.parquet"):
-        assert pq.read_table(out / name).equals(pq.read_table(tmp_path / "fresh" / name)) if name.endswith(
-            "parquet") else (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert (out / "shard-00001.faiss").read_bytes() == (tmp_path / "fresh" / "shard-00001.faiss").read_bytes()
+    assert pq.read_table(out / "shard-00001.ids.parquet").equals(pq.read_table(tmp_path / "fresh" / "shard-00001.ids.parquet"))
 
 
 def test_rerun_is_noop_and_changed_settings_rebuild(small, tmp_path):
