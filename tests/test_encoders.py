@@ -351,8 +351,8 @@ def test_onnx_fp32_matches_torch_on_the_accuracy_model(accuracy_case):
     assert np.abs(enc.encode_texts(accuracy_case["prompts"]) - accuracy_case["txt"]).max() <= 1e-4
 
 
-@pytest.mark.skipif(not DEMO.is_file(), reason="bundled demo model not present")
 def test_demo_by_name():
+    assert DEMO.is_file(), "the bundled demo model is part of the package"
     enc = load_encoder("demo")
     assert enc.name == "demo" and enc.encode_texts(["a red star"]).shape == (1, enc.embed_dim)
 

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,6 @@ from clip_core.export import (
     run_export,
 )
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 TEXTS = ["a photo of a cat", "a red square on a dark background, slightly rotated", "x", "two dogs"]
 

@@ -208,7 +208,6 @@ def test_bytes_images_derived_ids_and_text_only_rows(ray_local, tiny_checkpoint,
 
 
 def test_index_stage_builds_an_index(full_run, dataset, tiny_checkpoint, tmp_path):
-    pytest.importorskip("pipelines.index_build")
     out = tmp_path / "out"
     rc = cli.main(["run", *_job_args(dataset["manifest"], out, tiny_checkpoint), "index.enabled=true",
                    "caption.enabled=false"])
