@@ -223,7 +223,8 @@ class Encoder:
     image_size: int
     context_length: int
     logit_scale: float
-    fingerprint: str
+    fingerprint: str  # of this encoder: weights, backend, precision (and quantization details)
+    source_fingerprint: str | None = None  # of the weights alone, whatever runs them
     num_threads: int
 
     def __init__(self, *, name: str, backend: str, precision: str, device: str, config: CLIPConfig,
@@ -511,8 +512,10 @@ def _sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-def _cache_root() -> Path:
-    return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/clip-etl")) / "exports"
+def cache_dir(*parts: str) -> Path:
+    """The one cache root of the project (``$CLIP_ETL_CACHE_DIR``, default ``~/.cache/clip-etl``):
+    model exports here, fetched checkpoints and local copies of S3 indexes in the pipelines."""
+    return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/clip-etl")).joinpath(*parts)
 
 
 def _export_for(model: CLIP, name: str, source_fp: str, fmt: str) -> tuple[Path, Any]:
@@ -524,7 +527,7 @@ def _export_for(model: CLIP, name: str, source_fp: str, fmt: str) -> tuple[Path,
     from .export import ExportError, export_model, is_export_dir
 
     key = f"{source_fp}-{fmt}-v{CACHE_VERSION}"
-    target = _cache_root() / key
+    target = cache_dir("exports", key)
     if is_export_dir(target):
         return target, None
     try:
@@ -579,13 +582,16 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
             model = copy.deepcopy(source) if (precision == "fp16" or device != "cpu") else source
         else:
             model = load_model(source)
-        return TorchEncoder(
+        source_fp = model_fingerprint(model)
+        encoder = TorchEncoder(
             model, device=device,
             logit_scale=float(model.logit_scale.detach().float().exp()),
-            fingerprint=derived_fingerprint(model_fingerprint(model), "torch", precision),
+            fingerprint=derived_fingerprint(source_fp, "torch", precision),
             preprocess=image_transform(model.config.vision.image_size),
             tokenizer=_tokenizer_for(None, None), **common,
         )
+        encoder.source_fingerprint = source_fp
+        return encoder
 
     keep_alive = None
     if doc is None:
@@ -603,4 +609,5 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
     else:
         encoder = OnnxEncoder(folder, doc, **kw)
     encoder._keep_alive = keep_alive  # type: ignore[attr-defined]  # a temp export lives as long as its encoder
+    encoder.source_fingerprint = (doc.get("source") or {}).get("fingerprint")
     return encoder

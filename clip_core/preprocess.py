@@ -18,6 +18,13 @@ so outputs are bit-identical to OpenAI's pipeline
 * ToTensor + Normalize: ``float32(x) / 255``, then ``- mean``, then ``/ std``,
   as three separately rounded float32 torch operations, like torchvision.
 
+The transform is two public steps, so a pipeline can ship the 1-byte-per-value
+image between processes and normalise a whole batch where the model runs (4x
+less data than float32, and one vectorised pass on the model's device):
+:func:`resize_crop` (PIL image -> ``uint8 [R, R, 3]``, all of the geometry and
+the RGB conversion) and :func:`normalize` (``uint8 [N, R, R, 3]`` ->
+``float32 [N, 3, R, R]``). :class:`ImageTransform` is exactly the two in a row.
+
 Decoding rule (``load_image``): ordinary modes -- ``RGB``, ``RGBA``, ``RGBX``,
 ``L``, ``LA`` and ``P`` without transparency -- are returned exactly as PIL
 opened them, so ``image_transform(load_image(path))`` equals OpenAI's
@@ -47,7 +54,9 @@ truncated files instead of failing and this module cannot tell.
 from __future__ import annotations
 
 import io
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,7 +73,9 @@ __all__ = [
     "center_crop",
     "image_transform",
     "load_image",
+    "normalize",
     "preprocess_batch",
+    "resize_crop",
     "resize_shorter_side",
 ]
 
@@ -228,11 +239,73 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def resize_crop(img: Image.Image, resolution: int) -> np.ndarray:
+    """The geometric half of the transform: resize, center crop, RGB -> ``uint8 [R, R, 3]``.
+
+    Everything up to ``ToTensor`` happens here, in PIL, so the result is the
+    exact 8-bit image torchvision would convert; it is all a worker needs to
+    ship. The array is a fresh, writable copy.
+    """
+    img = center_crop(resize_shorter_side(img, resolution), resolution)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # [R, R, 3] uint8
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # Finite means and positive finite stds keep every normalised uint8 value finite, so no
+    # per-image check for NaN/inf is needed downstream.
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std need one value per RGB channel")
+    mean_t = tuple(float(m) for m in mean)
+    std_t = tuple(float(s) for s in std)
+    if not all(math.isfinite(m) for m in mean_t) or not all(math.isfinite(s) and s > 0 for s in std_t):
+        raise ValueError(f"mean must be finite and std finite and > 0, got mean={mean_t}, std={std_t}")
+    return mean_t, std_t
+
+
+def normalize(
+    pixels: np.ndarray | torch.Tensor,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """The arithmetic half of the transform: ``uint8 [N, R, R, 3]`` -> ``float32 [N, 3, R, R]``.
+
+    ``pixels`` is a numpy array or a torch tensor (on any device), channels last
+    as :func:`resize_crop` makes them. With ``device`` the uint8 batch moves
+    there first, so the transfer carries 1 byte per value and the float work
+    runs on that device. ToTensor + Normalize are reproduced op for op
+    (``/ 255``, ``- mean``, ``/ std``, each rounded to float32), so the result
+    is bit-identical to torchvision's on any device.
+    """
+    mean, std = _check_mean_std(mean, std)
+    if isinstance(pixels, torch.Tensor):
+        x = pixels
+    else:
+        array = np.asarray(pixels)
+        with warnings.catch_warnings():
+            # A read-only input (e.g. a view of an Arrow buffer) is only read here, never written.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(array)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[3] != 3:
+        raise ValueError(f"pixels must be uint8 [N, R, R, 3], got {x.dtype} {tuple(x.shape)}")
+    if device is not None:
+        x = x.to(device)  # [N, R, R, 3] uint8
+    like = {"dtype": torch.float32, "device": x.device}
+    x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # [N, 3, R, R] float32
+    # 255 is a tensor on x's device, not a Python number: CUDA turns division by a CPU scalar
+    # into multiplication by its reciprocal, which is up to one float32 ulp off.
+    x.div_(torch.tensor(255.0, **like))
+    x.sub_(torch.tensor(mean, **like).view(1, 3, 1, 1))
+    return x.div_(torch.tensor(std, **like).view(1, 3, 1, 1))  # [N, 3, R, R] float32
+
+
 class ImageTransform:
     """Picklable callable: PIL image -> normalised ``float32`` tensor ``[3, R, R]``.
 
     A class rather than a closure so it can be shipped to worker processes and
-    so callers can read back ``resolution``, ``mean`` and ``std``.
+    so callers can read back ``resolution``, ``mean`` and ``std``; its two
+    halves, :meth:`pixels` and :meth:`normalize`, let a pipeline run them in
+    different processes with one model's constants.
     """
 
     def __init__(
@@ -243,20 +316,19 @@ class ImageTransform:
     ) -> None:
         if int(resolution) != resolution or resolution < 1:
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("mean and std need one value per RGB channel")
         self.resolution: int = int(resolution)
-        self.mean: tuple[float, ...] = tuple(float(m) for m in mean)
-        self.std: tuple[float, ...] = tuple(float(s) for s in std)
+        self.mean, self.std = _check_mean_std(mean, std)
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """:func:`resize_crop` at this resolution: ``uint8 [R, R, 3]``."""
+        return resize_crop(img, self.resolution)
+
+    def normalize(self, pixels: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+        """:func:`normalize` with this transform's mean and std: ``uint8 [N, R, R, 3]`` -> ``float32 [N, 3, R, R]``."""
+        return normalize(pixels, self.mean, self.std, device)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = resize_shorter_side(img, self.resolution)
-        img = center_crop(img, self.resolution)
-        rgb = np.asarray(img.convert("RGB"))
-        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(torch.float32).div(255)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return x.sub_(mean).div_(std).contiguous()
+        return self.normalize(self.pixels(img)[None])[0]  # [3, R, R] float32
 
     def __repr__(self) -> str:
         return f"ImageTransform(resolution={self.resolution}, mean={self.mean}, std={self.std})"
@@ -287,6 +359,8 @@ def preprocess_batch(
 ) -> torch.Tensor:
     """Transform and stack images into a ``float32`` tensor ``[N, 3, R, R]``."""
     transform = ImageTransform(resolution, mean, std)
-    if not images:
-        return torch.empty(0, 3, transform.resolution, transform.resolution)
-    return torch.stack([transform(img) for img in images])
+    r = transform.resolution
+    pixels = np.empty((len(images), r, r, 3), dtype=np.uint8)  # [N, R, R, 3] uint8
+    for i, img in enumerate(images):
+        pixels[i] = transform.pixels(img)
+    return transform.normalize(pixels)  # [N, 3, R, R] float32

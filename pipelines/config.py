@@ -69,6 +69,9 @@ class OutputConfig:
     shard_size: int = 10000
     # Manifest columns copied to the results. null: every column except a bytes image column.
     passthrough: Optional[list[str]] = None
+    # Seconds without a heartbeat after which a run's hold on OUTPUT/_lease.json expires, so that
+    # a run that was killed can be resumed; a live run renews it every quarter of this.
+    lease_timeout_s: float = 60.0
 
 
 @dataclass
@@ -82,7 +85,8 @@ class ModelConfig:
     # auto | torch | torchscript | onnx | onnx-int8; auto = torch on GPU actors, onnx (fp32,
     # exported on first use into each node's cache) on CPU actors: the fastest exact backend of each.
     backend: str = "auto"
-    # auto | fp32 | fp16 | bf16; auto = fp16 on GPU, fp32 on CPU.
+    # auto | fp32 | fp16 | bf16; auto = fp16 on GPU; on CPU bf16 for the torch backend where the
+    # CPU has native bf16 (AVX512-BF16/AMX), else fp32; ONNX runs fp32 (onnx-int8: int8).
     precision: str = "auto"
 
 
@@ -465,6 +469,8 @@ def validate(cfg: PipelineConfig) -> None:
     }.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1 or null, got {value}")
+    if cfg.output.lease_timeout_s <= 0:
+        raise ConfigError(f"config key 'output.lease_timeout_s' must be > 0, got {cfg.output.lease_timeout_s}")
     if cfg.decode.num_cpus <= 0:
         raise ConfigError(f"config key 'decode.num_cpus' must be > 0, got {cfg.decode.num_cpus}")
     if cfg.embed.num_cpus <= 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -62,7 +63,9 @@ def localize_checkpoint(source: str, s3: pio.S3Options | None = None) -> str:
     cache keyed by the URI, published with an atomic rename so concurrent actors agree."""
     if not pio.is_s3(source):
         return source
-    root = os.path.join(tempfile.gettempdir(), "clip-etl-models")
+    from clip_core.encoders import cache_dir
+
+    root = str(cache_dir("models"))
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
     target = os.path.join(root, key, os.path.basename(source.rstrip("/")))
     if os.path.exists(target):
@@ -106,12 +109,43 @@ def fixed_size_list(values: np.ndarray, valid: np.ndarray) -> pa.Array:
 
 
 def _stack(column: pa.ChunkedArray, dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Binary cells of raw arrays -> (stacked array of the valid rows, validity mask)."""
-    cells = column.to_pylist()
-    valid = np.array([c is not None for c in cells], dtype=bool)
-    rows = [np.frombuffer(c, dtype=dtype).reshape(shape) for c in cells if c is not None]
-    arr = np.stack(rows) if rows else np.zeros((0, *shape), dtype=dtype)
-    return arr, valid
+    """Cells of raw arrays -> (the valid rows ``[M, *shape]``, validity mask ``[N]``).
+
+    Read straight from the Arrow buffers: in a chunk without nulls the rows already lie back to
+    back, so the result is a view of the block (read-only when it lives in the object store) and
+    no Python object is made per row. Nulls (compacted by Arrow's filter) or several chunks cost
+    one vectorised copy. Cells are ``fixed_size_binary`` or ``binary`` of equal lengths.
+    """
+    width = np.dtype(dtype).itemsize * math.prod(shape)
+    rows, valid = [], []
+    for chunk in column.chunks:
+        ok = chunk.is_valid()
+        valid.append(ok.to_numpy(zero_copy_only=False))
+        if chunk.null_count:
+            chunk = chunk.filter(ok)
+        rows.append(_chunk_values(chunk, dtype, width).reshape(-1, *shape))
+    if not rows:
+        return np.zeros((0, *shape), dtype), np.zeros(0, dtype=bool)
+    return (rows[0] if len(rows) == 1 else np.concatenate(rows)), np.concatenate(valid)
+
+
+def _chunk_values(chunk: pa.Array, dtype, width: int) -> np.ndarray:
+    """The values of a null-free chunk of ``width``-byte cells as one flat array (a view)."""
+    n = len(chunk)
+    if n == 0:
+        return np.zeros(0, dtype)
+    if pa.types.is_fixed_size_binary(chunk.type):
+        if chunk.type.byte_width != width:
+            raise ValueError(f"cells are {chunk.type.byte_width} bytes, expected {width}")
+        data, start = chunk.buffers()[1], chunk.offset * width
+    elif pa.types.is_binary(chunk.type):
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32, count=n + 1, offset=chunk.offset * 4)
+        if (np.diff(offsets) != width).any():
+            raise ValueError(f"cells must all be {width} bytes")
+        data, start = chunk.buffers()[2], int(offsets[0])
+    else:
+        raise TypeError(f"raw-array cells must be binary or fixed_size_binary, got {chunk.type}")
+    return np.frombuffer(data, dtype, count=n * width // np.dtype(dtype).itemsize, offset=start)
 
 
 def _run_isolated(fn, inputs: np.ndarray, what: str) -> tuple[np.ndarray | None, list[str | None]]:
@@ -162,7 +196,7 @@ def embed_batch(
     img_ok = np.zeros(n, dtype=bool)
     if stages.images:
         r = int(encoder.image_size)
-        pixels, has_pixels = _stack(table.column(PIXELS_COL), np.float32, (3, r, r))
+        pixels, has_pixels = _stack(table.column(PIXELS_COL), np.uint8, (r, r, 3))  # [M, R, R, 3] uint8
         present |= has_pixels | np.array([e is not None for e in img_err])
         if len(pixels):
             emb, errs = _run_isolated(_image_fn(encoder), pixels, "image")
@@ -211,9 +245,12 @@ def embed_batch(
 
 
 def _image_fn(encoder):
-    import torch
-
-    return lambda x: encoder.encode_images(torch.from_numpy(np.ascontiguousarray(x)))
+    """uint8 ``[M, R, R, 3]`` -> embeddings, normalised with the encoder's own mean/std. Torch
+    backends normalise on the encoder's device, so only uint8 crosses to it; ONNX sessions take
+    host arrays, so they normalise on the CPU."""
+    onnx = str(getattr(encoder, "backend", "torch")).startswith("onnx")
+    device = "cpu" if onnx else getattr(encoder, "device", "cpu")
+    return lambda x: encoder.encode_images(encoder.preprocess.normalize(x, device=device))  # x: [M, R, R, 3] uint8
 
 
 def _text_fn(encoder):

@@ -51,8 +51,9 @@ class Shard:
 
 
 def _cache_root() -> str:
-    base = os.environ.get("CLIP_ETL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clip-etl")
-    return os.path.join(base, "index")
+    from clip_core.encoders import cache_dir
+
+    return str(cache_dir("index"))
 
 
 def _localize(path: str, meta_bytes: bytes, files: list[str], s3: S3Options | None) -> str:
@@ -334,7 +335,7 @@ def open_index(path: str, *, mmap: bool = True, s3: S3Options | None = None, pre
     """Open an index directory (local or ``s3://``) written by ``clip-etl index``.
 
     ``path`` may be the index directory itself or a job's output root containing ``index/``.
-    An S3 index is copied to a local cache first (``$CLIP_ETL_CACHE`` or ``~/.cache/clip-etl``)
+    An S3 index is copied to a local cache first (``$CLIP_ETL_CACHE_DIR`` or ``~/.cache/clip-etl``)
     because FAISS memory-maps only local files.
     """
     path = str(path).rstrip("/")

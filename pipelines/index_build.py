@@ -1,28 +1,41 @@
 """Build a sharded, tuned FAISS index from embedding Parquet (the pipeline's ``results/``).
 
-Steps, each resumable:
+The driver plans, coordinates and records; everything that reads result rows, vectors or index
+files runs in Ray tasks, which hand the driver back only small metadata (counts, bytes,
+seconds, search parameters). The steps, in order (``build_index`` calls them one after another;
+each task's output is a file, so a re-run resumes where a killed build stopped):
 
-1. **Plan** from Parquet footers only: files, row counts, row groups, the dimension, the index
-   (:mod:`pipelines.index_select`) and the shard ranges. The plan is saved as
-   ``_build/plan.json``; a re-run with the same plan resumes, a different one starts over.
-2. **Sample** a seeded random subset of rows, reading only the row groups that hold them: the
-   training vectors, plus *tuning queries*: rows held out of the shards (never trained on).
-3. **Train** the empty index once, deterministically, and save it as ``_build/trained.faiss``.
-4. **Add** each shard (a contiguous range of input rows, minus the tuning queries) in its own Ray
-   task: stream its rows, add them to a copy of the trained index, and compute the exact top-100
-   of the tuning queries over the same rows (so ground truth costs no extra pass over the
-   data). A shard's ``.faiss`` file is written last and atomically: present means done.
-5. **Tune** ``nprobe``/``efSearch`` on those shards: the smallest value (= the fastest) whose
-   recall@10 against exact search reaches ``target_recall``; the queries are not in the shards,
-   so they measure like unseen queries. Measure recall@1/10/100.
-6. **Index the held-out queries**, appended to the last shard, so every valid row is searchable.
-7. **Merge** the shards into one index when asked and it fits the memory budget.
-8. Measure queries/s and latency, write ``index.json`` last: its presence means the index is
-   complete.
+1. **Plan** (driver: :func:`plan_build`, :func:`start_or_resume`) from Parquet footers only:
+   files, row counts, row groups, the dimension, the index (:mod:`pipelines.index_select`) and
+   the shard ranges, saved as ``_build/plan.json``. A re-run with the same plan resumes; a
+   different one starts over.
+2. **Sample** and 3. **train** (:func:`sample_and_train`: one :func:`train_task`, which holds the
+   sample, as bounded by the memory budget): a seeded random subset of rows, read from only the
+   row groups that hold them, is split into the training vectors and the *tuning queries*:
+   rows held out of the data shards, never trained on. The empty index is trained once,
+   deterministically (``_build/trained.faiss``). The queries get a small shard of their own,
+   ``shard-queries``, so that they are indexed like every other row without a data shard being
+   rewritten, and are saved on their own as ``_build/tuning_queries.parquet``, last: its
+   presence means steps 2-3 are done.
+4. **Add shards** (:func:`add_shards`: one :func:`shard_task` per shard): stream a contiguous
+   range of input rows minus the tuning queries, add them to a copy of the trained index, and
+   compute the exact top-100 of the queries over the same rows (ground truth at no extra pass
+   over the data). A shard's files are each written once, atomically, ``_build/shard-NNNNN.json``
+   last: its presence means the shard is done. Every valid row is in exactly one shard: the
+   shard ranges partition the rows, and the held-out rows are in ``shard-queries`` only.
+5. **Tune** (:func:`tune_search`: one :func:`tune_task`) ``nprobe``/``efSearch`` on the data
+   shards, which do not hold the queries, so they measure like unseen queries: the smallest
+   value (= the fastest) whose recall@10 against exact search reaches ``target_recall``, and
+   recall@1/10/100. Saved as ``_build/tuning.json``.
+6. **Merge and measure** (:func:`merge_and_measure`: one :func:`finish_task`): merge all shards
+   into one index when asked and it fits the memory budget; measure queries/s and latency of
+   what :func:`pipelines.index.open_index` will serve.
+7. **Write** ``index.json`` (driver: :func:`write_index_json`), last: its presence means the
+   index is complete.
 
-Memory: a task holds one shard's index and one reader batch; the driver holds the training
-sample; vectors never all sit in RAM unless the chosen index (Flat/HNSW) is itself made of them,
-which the memory budget allowed. See ``docs/index.md`` for the formula.
+Memory: a shard task holds one shard's index and one reader batch; the train task holds the
+training sample; the driver holds none of them. Vectors never all sit in RAM unless the chosen
+index (Flat/HNSW) is itself made of them, which the memory budget allowed. See ``docs/index.md``.
 """
 
 from __future__ import annotations
@@ -33,8 +46,10 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import faiss
@@ -42,8 +57,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from pipelines import io
+from pipelines.config import RayConfig
 from pipelines.index import INDEX_JSON, ShardedIndex, load_shards, merge_topk, read_ids
 from pipelines.index_select import (
     GIB,
@@ -54,13 +71,17 @@ from pipelines.index_select import (
     train_size_for,
 )
 from pipelines.io import S3Options
+from pipelines.ray_runtime import ray_session
 
-FORMAT = "clip-etl-index/1"
+# Version 2: the tuning queries are a shard of their own (version 1 appended them to the last
+# shard after tuning), so a version-1 build state is not resumed but started over.
+FORMAT = "clip-etl-index/2"
 BUILD_DIR = "_build"
 PLAN_FILE = "plan.json"
 TRAINED_FILE = "trained.faiss"
-QUERIES_FILE = "queries.npz"
+QUERIES_FILE = "tuning_queries.parquet"
 TUNING_FILE = "tuning.json"
+QUERY_SHARD = "shard-queries"
 SEED = 1234
 DEFAULT_VECTORS_PER_SHARD = 1_000_000
 READ_BATCH_ROWS = 2048  # small batches: big transient buffers stay resident under glibc malloc
@@ -73,8 +94,8 @@ GROUND_TRUTH_K = 100
 # needed for recall@10 0.998 by ~30x in our benchmark.
 HNSW_EF_CONSTRUCTION = 80
 MAX_TUNING_QUERIES = 1000
-# Environment hook for tests of resumability: exit abruptly (like a kill) after N shards
-# ("2"), or in the middle of adding the held-out queries to the last shard ("append").
+# Environment hook for tests of resumability: the driver exits abruptly (like a kill) after N
+# shards ("2") or after tuning ("tuned").
 CRASH_ENV = "CLIP_ETL_INDEX_CRASH_AFTER_SHARDS"
 
 
@@ -88,14 +109,11 @@ class IndexBuildError(RuntimeError):
     """A build that cannot proceed (no vectors, bad columns, budget too small...)."""
 
 
-# ----------------------------------------------------------------------------- logging ---
-
-def _printer(progress: bool) -> Callable[[str], None]:
-    def say(msg: str) -> None:
-        if progress:
-            print(f"[index] {msg}", file=sys.stderr, flush=True)
-
-    return say
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - t, 3)
 
 
 # -------------------------------------------------------------------------------- input ---
@@ -262,7 +280,8 @@ def iter_row_range(
 
 
 def _peek_dim(files: list[InputFile], embedding_column: str, s3: S3Options | None) -> int:
-    """Dimension of the first non-null embedding (for variable-length list columns)."""
+    """Dimension of the first non-null embedding, for variable-length list columns (run in a task:
+    the one read of data pages that planning needs)."""
     for f in files:
         for _, batch in iter_row_range([f], f.start, f.start + f.rows, [embedding_column], s3):
             lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
@@ -298,7 +317,158 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-# ------------------------------------------------------------------------------ sampling ---
+@dataclass
+class Build:
+    """The plan of one build: all that the steps and their tasks need (picklable: shipped to tasks)."""
+
+    input_path: str
+    out_dir: str
+    files: list[InputFile]
+    columns: list[str]
+    id_column: str
+    embedding_column: str
+    dim: int
+    factory: str
+    selection: dict[str, Any]
+    needs_training: bool
+    ranges: list[tuple[int, int]]
+    train_size: int
+    n_queries: int
+    target_recall: float
+    merge: bool
+    memory_budget_gb: float
+    s3: S3Options | None
+    progress: bool
+
+    @property
+    def total_rows(self) -> int:
+        return self.files[-1].start + self.files[-1].rows
+
+    def state(self, name: str) -> str:
+        """Path of a build-state file under ``_build/``."""
+        return io.join(self.out_dir, BUILD_DIR, name)
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(f"[index] {msg}", file=sys.stderr, flush=True)
+
+    def to_plan(self) -> dict[str, Any]:
+        """``plan.json``: everything that, when changed, makes a resume build something else."""
+        plan = {"format": FORMAT, "input": self.input_path, "files": [f.to_dict() for f in self.files],
+                "columns": {"id": self.id_column, "embedding": self.embedding_column}, "dim": self.dim,
+                "factory": self.factory, "shards": self.ranges, "train_size": self.train_size,
+                "queries": self.n_queries, "seed": SEED, "target_recall": self.target_recall, "merge": self.merge}
+        return json.loads(json.dumps(plan))  # the form it has when read back from plan.json
+
+
+def _selection(factory: str | None, total_rows: int, dim: int, memory_budget_gb: float) -> dict[str, Any]:
+    """The index to build (``index.factory`` or the automatic choice), as ``index.json`` records it."""
+    budget = memory_budget_gb * GIB
+    if not factory:
+        try:
+            return choose_index(total_rows, dim, memory_budget_gb).to_dict()
+        except ValueError as e:
+            raise IndexBuildError(str(e)) from None
+    p = parse_factory(factory, dim)
+    selection = {"factory": factory, "kind": p.kind, "estimated_bytes": index_memory_bytes(factory, total_rows, dim),
+                 "train_size": train_size_for(factory, total_rows, dim, budget), "reason": "index.factory"}
+    if p.kind == "other" or (p.kind == "flat" and factory.strip() != "Flat"):
+        selection["train_size"] = selection["train_size"] or min(total_rows, 65536)
+    return selection
+
+
+def plan_build(
+    input_path: str, out_dir: str, files: list[InputFile], schema: pa.Schema, *, id_column: str,
+    embedding_column: str, factory: str | None, shards: int | None, vectors_per_shard: int | None,
+    memory_budget_gb: float, target_recall: float, merge: bool, train_sample: int | None,
+    tuning_queries: int | None, s3: S3Options | None, progress: bool, start_ray: Callable[[], None],
+) -> Build:
+    """Step 1: the plan, from the footers (plus, for variable-length lists, one batch read in a task,
+    for which it calls ``start_ray``)."""
+    total_rows = files[-1].start + files[-1].rows
+    if total_rows == 0:
+        raise IndexBuildError(f"{input_path} holds no rows: nothing to index")
+    dim = _dim_from_schema(schema, embedding_column)
+    if dim is None:
+        start_ray()
+        dim = _run_task(_peek_dim, files, embedding_column, s3, what="reading the embedding dimension")
+    selection = _selection(factory, total_rows, dim, memory_budget_gb)
+    n_queries = tuning_queries if tuning_queries is not None else min(MAX_TUNING_QUERIES, max(1, total_rows // 10))
+    return Build(
+        input_path=input_path, out_dir=out_dir, files=files,
+        columns=_columns(schema.names, id_column, embedding_column), id_column=id_column,
+        embedding_column=embedding_column, dim=dim, factory=selection["factory"],
+        selection=selection, needs_training=not new_index(selection["factory"], dim).is_trained,
+        ranges=plan_shards(total_rows, _shard_count(total_rows, selection["kind"], shards, vectors_per_shard)),
+        train_size=int(train_sample if train_sample is not None else selection["train_size"]),
+        n_queries=int(n_queries), target_recall=target_recall, merge=bool(merge),
+        memory_budget_gb=memory_budget_gb, s3=s3, progress=progress,
+    )
+
+
+def start_or_resume(build: Build) -> dict | None:
+    """Keep an interrupted build of the same plan, clear a different one; the ``index.json`` of
+    the same build when it is already complete (None: there is work to do)."""
+    s3, plan = build.s3, build.to_plan()
+    plan_path, index_json = build.state(PLAN_FILE), io.join(build.out_dir, INDEX_JSON)
+    old_plan = io.read_json(plan_path, s3) if io.exists(plan_path, s3) else None
+    if old_plan is not None:
+        differs = _plan_difference(old_plan, plan)
+        if differs:
+            build.say(f"{build.out_dir} holds a build with a different {differs}: starting over")
+            _remove_tree(build.out_dir, s3)
+            old_plan = None
+        elif io.exists(index_json, s3):
+            build.say(f"{build.out_dir} is already built and up to date")
+            return io.read_json(index_json, s3)
+    elif io.exists(index_json, s3):
+        build.say(f"{build.out_dir} holds an index without build state: rebuilding it")
+        _remove_tree(build.out_dir, s3)
+    if old_plan is None:
+        io.write_json_atomic(plan_path, plan, s3)
+    _clean_temp(build.out_dir)
+    sel = build.selection
+    build.say(f"{build.total_rows} rows in {len(build.files)} file(s), dim {build.dim}: {build.factory} "
+              f"({sel['reason']}), {len(build.ranges)} shard(s), ~{sel['estimated_bytes'] / GIB:.2f} GiB")
+    return None
+
+
+def _plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first plan.json key whose value differs (None: the same build)."""
+    for key in ("format", "files", "columns", "dim", "factory", "shards", "train_size", "queries", "seed",
+                "target_recall", "merge"):
+        if old.get(key) != new.get(key):
+            return key
+    return None
+
+
+def _remove_tree(out_dir: str, s3: S3Options | None) -> None:
+    """Delete a previous (different) build's files: shards, merged index, build state, index.json."""
+    fs = io.fsspec_filesystem(out_dir, s3)
+    root = io.strip_scheme(out_dir)
+    if not fs.exists(root):
+        return
+    for p in fs.find(root):
+        name = p.rsplit("/", 1)[-1]
+        if name == INDEX_JSON or name.startswith(("shard-", "merged", ".tmp-")) or f"/{BUILD_DIR}/" in p:
+            fs.rm(p)
+
+
+def _clean_temp(out_dir: str) -> None:
+    """Remove temporary files a killed build left behind (local outputs; S3 PUTs are atomic)."""
+    if io.is_s3(out_dir):
+        return
+    for root in (out_dir, os.path.join(out_dir, BUILD_DIR)):
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                if name.startswith(".tmp-"):
+                    try:
+                        os.unlink(os.path.join(root, name))
+                    except OSError:
+                        pass
+
+
+# ----------------------------------------------------------------------------- sampling ---
 
 @dataclass
 class Sample:
@@ -357,7 +527,7 @@ def read_sample(
     return Sample(np.ascontiguousarray(sample.vectors[perm]), sample.ids[perm], sample.rows[perm])
 
 
-# ------------------------------------------------------------------------------ training ---
+# ----------------------------------------------------------------------------- training ---
 
 class _Threads:
     """Temporarily set FAISS's OpenMP thread count."""
@@ -480,10 +650,11 @@ def _deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-# ------------------------------------------------------------------------- atomic files ---
+# -------------------------------------------------------------------------------- files ---
 
-def publish_index(index: faiss.Index, dest: str, s3: S3Options | None) -> None:
-    """Write a FAISS index to ``dest`` (local or S3) so that it appears whole or not at all.
+def publish_index(index: faiss.Index, dest: str, s3: S3Options | None) -> int:
+    """Write a FAISS index to ``dest`` (local or S3) so that it appears whole or not at all; return
+    its size in bytes.
 
     Streams through a temporary file rather than serializing into memory, so a shard costs its
     own size once, not twice.
@@ -493,10 +664,11 @@ def publish_index(index: faiss.Index, dest: str, s3: S3Options | None) -> None:
         os.close(fd)
         try:
             faiss.write_index(index, tmp)
+            size = os.path.getsize(tmp)
             io.fsspec_filesystem(dest, s3).put_file(tmp, io.strip_scheme(dest))
         finally:
             os.unlink(tmp)
-        return
+        return size
     dest = io.strip_scheme(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(dest))
@@ -505,10 +677,12 @@ def publish_index(index: faiss.Index, dest: str, s3: S3Options | None) -> None:
         faiss.write_index(index, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return size
 
 
 def _write_npz(path: str, s3: S3Options | None, **arrays: np.ndarray) -> None:
@@ -530,7 +704,90 @@ def _write_ids(ids: pa.Array, path: str, s3: S3Options | None) -> None:
     io.write_parquet_atomic(pa.table({"id": ids}), path, s3)
 
 
-# ------------------------------------------------------------------------ ground truth ---
+@contextmanager
+def _local_view(out_dir: str, names: list[str], s3: S3Options | None) -> Iterator[str]:
+    """A local directory holding ``names`` from ``out_dir`` (itself when local; a temp copy for S3),
+    because FAISS memory-maps only local files."""
+    if not io.is_s3(out_dir):
+        yield io.strip_scheme(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="clip-etl-index-") as tmp:
+        fs = io.fsspec_filesystem(out_dir, s3)
+        for name in names:
+            fs.get_file(io.strip_scheme(io.join(out_dir, name)), os.path.join(tmp, name))
+        yield tmp
+
+
+def shard_files(out_dir: str, name: str) -> dict[str, str]:
+    """A shard's files: the index and ids next to ``index.json``, its build state under ``_build/``."""
+    return {
+        "faiss": io.join(out_dir, f"{name}.faiss"),
+        "ids": io.join(out_dir, f"{name}.ids.parquet"),
+        "truth": io.join(out_dir, BUILD_DIR, f"{name}.truth.npz"),
+        "meta": io.join(out_dir, BUILD_DIR, f"{name}.json"),
+    }
+
+
+def _shard_done(build: Build, number: int) -> bool:
+    """All of a data shard's files are there (a killed task leaves some, or none)."""
+    return all(io.exists(p, build.s3) for p in shard_files(build.out_dir, shard_name(number)).values())
+
+
+def _write_shard(build: Build, name: str, index: faiss.Index, ids: pa.Array, counts: dict[str, int],
+                 truth: TopK | None = None) -> dict[str, Any]:
+    """Write a shard's files, each atomically and once; the metadata last, so that its presence
+    means the shard is done."""
+    files = shard_files(build.out_dir, name)
+    _write_ids(ids, files["ids"], build.s3)
+    if truth is not None:
+        _write_npz(files["truth"], build.s3, scores=truth.scores, positions=truth.positions)
+    meta = {"count": int(index.ntotal), "bytes": publish_index(index, files["faiss"], build.s3), "counts": counts}
+    io.write_json_atomic(files["meta"], meta, build.s3)
+    return meta
+
+
+def _shard_entries(build: Build) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """``index.json``'s shard list (the data shards, then the queries' shard) and the row counts."""
+    names = [shard_name(i) for i in range(len(build.ranges))] + [QUERY_SHARD]
+    entries, counts = [], dict.fromkeys(COUNT_KEYS, 0)
+    for i, name in enumerate(names):
+        meta = io.read_json(shard_files(build.out_dir, name)["meta"], build.s3)
+        for key in COUNT_KEYS:
+            counts[key] += meta["counts"][key]
+        entry = {"file": f"{name}.faiss", "ids": f"{name}.ids.parquet", "count": meta["count"], "bytes": meta["bytes"]}
+        if i < len(build.ranges):
+            entry["rows"] = list(build.ranges[i])
+        else:
+            entry["held_out_queries"] = meta["count"]
+        entries.append(entry)
+    return entries, counts
+
+
+def _write_queries(build: Build, held: Sample) -> None:
+    """The tuning queries, in a file of their own that every later task reads (the shard tasks to
+    leave their rows out, tuning and speed measurement to search with them)."""
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(held.vectors.reshape(-1)), build.dim)
+    table = pa.table({"id": pa.array(held.ids.tolist(), pa.string()), "row": pa.array(held.rows, pa.int64()),
+                      "embedding": vectors})
+    io.write_parquet_atomic(table, build.state(QUERIES_FILE), build.s3)
+
+
+def _read_queries(build: Build) -> Sample:
+    with _open_parquet(build.state(QUERIES_FILE), build.s3) as f:
+        table = pq.read_table(f)
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, build.dim)
+    return Sample(np.ascontiguousarray(vectors, np.float32), np.asarray(table.column("id").to_pylist(), dtype=str),
+                  table.column("row").to_numpy())
+
+
+def _empty_index(build: Build) -> faiss.Index:
+    """A fresh copy of the trained empty index (or a new one where there is nothing to train)."""
+    if build.needs_training:
+        return _deserialize(io.read_bytes(build.state(TRAINED_FILE), build.s3))
+    return new_index(build.factory, build.dim)
+
+
+# ------------------------------------------------------------------------- ground truth ---
 
 class TopK:
     """Running exact top-k of fixed queries over vectors seen batch by batch."""
@@ -551,191 +808,149 @@ class TopK:
         self.scores, self.positions = merge_topk([self.scores, s], [self.positions, p], self.k)
 
 
-# -------------------------------------------------------------------------- shard task ---
+# -------------------------------------------------------------------------------- tasks ---
 
-@dataclass
-class ShardJob:
-    """Everything a task needs to build one shard (picklable; shipped to Ray workers)."""
+def train_task(build: Build, threads: int) -> dict[str, Any]:
+    """Steps 2-3 (a Ray task): sample, hold out the tuning queries, train, index the queries.
 
-    number: int
-    start: int
-    end: int
-    files: list[InputFile]
-    columns: list[str]
-    id_column: str
-    embedding_column: str
-    dim: int
-    factory: str
-    out_dir: str
-    trained_path: str | None
-    queries_path: str
-    threads: int
-    s3: S3Options | None
-    progress: bool
-    held_out_rows: np.ndarray  # sorted row numbers in [start, end): tuning queries, added after tuning
-
-
-def shard_files(out_dir: str, number: int) -> dict[str, str]:
-    name = shard_name(number)
-    return {
-        "faiss": io.join(out_dir, f"{name}.faiss"),
-        "ids": io.join(out_dir, f"{name}.ids.parquet"),
-        "truth": io.join(out_dir, BUILD_DIR, f"{name}.truth.npz"),
-    }
-
-
-def build_shard(job: ShardJob) -> dict[str, Any]:
-    """Add one range of input rows to a copy of the trained index; write the shard's files.
-
-    Writes the ids and the ground truth first and the ``.faiss`` file last, each atomically, so
-    the ``.faiss`` file's presence marks the whole shard done.
+    The queries get a shard of their own rather than a place in a data shard, so that tuning can
+    search the data shards without them and no shard is rewritten after it is built.
     """
-    say = _printer(job.progress)
     t0 = time.perf_counter()
-    with _Threads(job.threads):
-        if job.trained_path:
-            index = _deserialize(io.read_bytes(job.trained_path, job.s3))
-        else:
-            index = new_index(job.factory, job.dim)
-        reserve(index, job.end - job.start - len(job.held_out_rows))
-        queries = _read_npz(job.queries_path, job.s3)["vectors"]
-        truth = TopK(queries, GROUND_TRUTH_K)
-        counts = dict.fromkeys(COUNT_KEYS, 0)
-        ids: list[pa.Array] = []
-        last_report = time.perf_counter()
-        for pos, batch in iter_row_range(job.files, job.start, job.end, job.columns, job.s3):
-            if len(job.held_out_rows):
-                a, b = np.searchsorted(job.held_out_rows, [pos, pos + batch.num_rows])
-                if b > a:  # the tuning queries are added to the last shard after tuning
-                    keep = np.ones(batch.num_rows, bool)
-                    keep[job.held_out_rows[a:b] - pos] = False
-                    batch = batch.filter(pa.array(keep))
-            bid, vecs, c = extract_vectors(batch, job.id_column, job.embedding_column, job.dim)
-            for key, value in c.items():
-                counts[key] += value
-            if len(vecs):
-                truth.add(vecs, int(index.ntotal))
-                index.add(vecs)
-                ids.append(bid)
-            if time.perf_counter() - last_report > 30:
-                last_report = time.perf_counter()
-                say(f"{shard_name(job.number)}: {counts['rows']}/{job.end - job.start} rows read, "
-                    f"{index.ntotal} vectors added")
+    sample = read_sample(build.files, build.total_rows, build.train_size + build.n_queries, build.columns,
+                         build.id_column, build.embedding_column, build.dim, build.s3)
+    if len(sample) == 0:
+        raise IndexBuildError(f"{build.input_path} holds no valid embeddings in column {build.embedding_column!r}")
     _release_arrow_memory()
-    files = shard_files(job.out_dir, job.number)
-    all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
-    _write_ids(all_ids, files["ids"], job.s3)
-    _write_npz(files["truth"], job.s3, scores=truth.scores, positions=truth.positions,
-               counts=np.array([counts[k] for k in COUNT_KEYS], np.int64))
-    publish_index(index, files["faiss"], job.s3)
+    nq = max(1, min(build.n_queries, len(sample) // 2))
+    held = sample.part(slice(0, nq))
+    train = sample.part(slice(nq, None)) if len(sample) > nq else sample
+    t1 = time.perf_counter()
+    with _Threads(threads):
+        if build.needs_training and not io.exists(build.state(TRAINED_FILE), build.s3):
+            _train_and_save(build, train.vectors)
+        index = _empty_index(build)
+        index.add(held.vectors)
+    _write_shard(build, QUERY_SHARD, index, pa.array(held.ids.tolist(), pa.string()),
+                 {**dict.fromkeys(COUNT_KEYS, 0), "rows": nq, "kept": nq})
+    _write_queries(build, held)  # last: its presence means steps 2-3 are done
+    return {"queries": nq, "train": len(train), "sample_s": round(t1 - t0, 3),
+            "train_s": round(time.perf_counter() - t1, 3)}
+
+
+def _train_and_save(build: Build, vectors: np.ndarray) -> None:
+    build.say(f"training {build.factory} on {len(vectors)} vectors")
+    index = new_index(build.factory, build.dim)
+    try:
+        train_index(index, vectors, build.say)
+    except RuntimeError as e:
+        raise IndexBuildError(f"training {build.factory} on {len(vectors)} vectors failed: "
+                              f"{str(e).splitlines()[0] if str(e) else e}") from None
+    io.write_bytes_atomic(build.state(TRAINED_FILE), _serialize(index), build.s3)
+
+
+def shard_task(build: Build, number: int, threads: int) -> dict[str, Any]:
+    """Step 4 for one shard (a Ray task): its rows, minus the tuning queries, into a copy of the
+    trained index, with the exact top-k of the queries over the same rows."""
+    t0 = time.perf_counter()
+    lo, hi = build.ranges[number]
+    queries = _read_queries(build)
+    held = np.sort(queries.rows[(queries.rows >= lo) & (queries.rows < hi)])
+    with _Threads(threads):
+        index = _empty_index(build)
+        reserve(index, hi - lo - len(held))
+        truth = TopK(queries.vectors, GROUND_TRUTH_K)
+        ids, counts = _add_rows(build, number, held, index, truth)
+    _release_arrow_memory()
+    meta = _write_shard(build, shard_name(number), index, ids, counts, truth)
     seconds = time.perf_counter() - t0
-    say(f"{shard_name(job.number)}: {index.ntotal} vectors in {seconds:.1f}s")
-    return {"number": job.number, "count": int(index.ntotal), "seconds": seconds, **counts}
+    build.say(f"{shard_name(number)}: {meta['count']} vectors in {seconds:.1f}s")
+    return {"file": f"{shard_name(number)}.faiss", "count": meta["count"], "bytes": meta["bytes"],
+            "seconds": round(seconds, 3)}
 
 
-def append_held_out(local_root: str, entry: dict[str, Any], held: dict[str, np.ndarray], out_dir: str,
-                    number: int, s3: S3Options | None) -> None:
-    """Add the tuning queries, held out of every shard while tuning, to the last shard.
-
-    Idempotent, so an interrupted build can redo it: each of the shard's two files is extended
-    only while it still holds exactly the rows the shard was built with (``entry["count"]``).
-    """
-    base, extra = int(entry["count"]), len(held["vectors"])
-    files = shard_files(out_dir, number)
-    local_faiss = os.path.join(local_root, entry["file"])
-    index = faiss.read_index(local_faiss)
-    if index.ntotal == base:
-        index.add(np.ascontiguousarray(held["vectors"], dtype=np.float32))
-        publish_index(index, files["faiss"], s3)
-        if io.is_s3(out_dir):
-            publish_index(index, local_faiss, None)
-    del index
-    _crash_point("append")
-    local_ids = os.path.join(local_root, entry["ids"])
-    ids = read_ids(local_ids)
-    if len(ids) == base:
-        ids = pa.concat_arrays([ids, pa.array([str(i) for i in held["ids"]], pa.large_string())])
-        _write_ids(ids, files["ids"], s3)
-        if io.is_s3(out_dir):
-            _write_ids(ids, local_ids, None)
-    entry["count"] = base + extra
-    entry["held_out_queries"] = extra
+def _add_rows(build: Build, number: int, held: np.ndarray, index: faiss.Index,
+              truth: TopK) -> tuple[pa.Array, dict[str, int]]:
+    """Stream the shard's rows into ``index`` and ``truth``, leaving out the ``held`` row numbers."""
+    lo, hi = build.ranges[number]
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    ids: list[pa.Array] = []
+    last_report = time.perf_counter()
+    for pos, batch in iter_row_range(build.files, lo, hi, build.columns, build.s3):
+        a, b = np.searchsorted(held, [pos, pos + batch.num_rows])
+        if b > a:  # tuning queries: indexed in the queries' shard
+            keep = np.ones(batch.num_rows, bool)
+            keep[held[a:b] - pos] = False
+            batch = batch.filter(pa.array(keep))
+        bid, vecs, c = extract_vectors(batch, build.id_column, build.embedding_column, build.dim)
+        for key, value in c.items():
+            counts[key] += value
+        if len(vecs):
+            truth.add(vecs, int(index.ntotal))
+            index.add(vecs)
+            ids.append(bid)
+        if time.perf_counter() - last_report > 30:
+            last_report = time.perf_counter()
+            build.say(f"{shard_name(number)}: {counts['rows']}/{hi - lo} rows read, {index.ntotal} vectors added")
+    return (pa.concat_arrays(ids) if ids else pa.array([], pa.string())), counts
 
 
-def _bytes_io(data: bytes):
-    import io as _io
-
-    return _io.BytesIO(data)
-
-
-def _shard_done(out_dir: str, number: int, s3: S3Options | None) -> bool:
-    return all(io.exists(p, s3) for p in shard_files(out_dir, number).values())
-
-
-def _run_shards(jobs: list[ShardJob], use_ray: bool, say: Callable[[str], None]) -> None:
-    """Run shard jobs in parallel Ray tasks (or in this process), stopping early for tests."""
-    value = os.environ.get(CRASH_ENV, "")
-    crash_after = int(value) if value.isdigit() else 0
-    finished = 0
-
-    def tick(result: dict[str, Any]) -> None:
-        nonlocal finished
-        finished += 1
-        say(f"shards: {finished}/{len(jobs)} done this run")
-        if crash_after and finished >= crash_after:
-            print(f"[index] {CRASH_ENV}={crash_after}: exiting abruptly", file=sys.stderr, flush=True)
-            os._exit(75)
-
-    if not use_ray:
-        for job in jobs:
-            tick(build_shard(job))
-        return
-    import ray
-
-    remote = ray.remote(build_shard)
-    refs = [remote.options(num_cpus=job.threads).remote(job) for job in jobs]
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        tick(ray.get(done[0]))
+def tune_task(build: Build, entries: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+    """Step 5 (a Ray task): tune on the data shards ``entries``, which do not hold the queries."""
+    queries = _read_queries(build).vectors
+    truth = _ground_truth(build, entries)
+    with _local_view(build.out_dir, [n for e in entries for n in (e["file"], e["ids"])], build.s3) as root, \
+            _Threads(threads):
+        index = load_shards(root, {"dim": build.dim, "factory": build.factory, "shards": entries}, mmap=True)
+        tuned = tune(index, queries, truth, build.target_recall, build.say)
+        _, found = index.search_positions(queries, GROUND_TRUTH_K)
+        del index
+    tuned["recall"] = {str(k): round(recall_at(found, truth, k), 5) for k in (1, 10, 100)}
+    tuned["queries"] = len(queries)
+    io.write_json_atomic(build.state(TUNING_FILE), tuned, build.s3)
+    return tuned
 
 
-def _ray_cpus(use_ray: bool | None, n_jobs: int) -> tuple[bool, int, bool]:
-    """Whether to use Ray, how many CPUs it offers, and whether we started it (to stop it after).
-
-    An initialized Ray (a job's session, a test fixture, a notebook) is used as it is. Otherwise
-    several shards start a local Ray (or join ``RAY_ADDRESS``); a single shard needs no Ray.
-    """
-    if use_ray is False or n_jobs == 0:
-        return False, os.cpu_count() or 1, False
-    try:
-        import ray
-    except ImportError:
-        if use_ray:
-            raise IndexBuildError("use_ray=True but Ray is not installed") from None
-        return False, os.cpu_count() or 1, False
-    started = False
-    if not ray.is_initialized():
-        if use_ray is None and n_jobs == 1:
-            return False, os.cpu_count() or 1, False
-        import logging
-
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-        started = True
-    return True, max(1, int(ray.cluster_resources().get("CPU", 1))), started
+def _ground_truth(build: Build, entries: list[dict[str, Any]]) -> np.ndarray:
+    """Exact top-k positions of the queries over all data shards, from each shard's own top-k."""
+    scores, positions, offset = [], [], 0
+    for i, entry in enumerate(entries):
+        z = _read_npz(shard_files(build.out_dir, shard_name(i))["truth"], build.s3)
+        scores.append(z["scores"])
+        positions.append(np.where(z["positions"] >= 0, z["positions"] + offset, -1))
+        offset += entry["count"]
+    return merge_topk(scores, positions, GROUND_TRUTH_K)[1]
 
 
-def _largest_node_cpus(default: int) -> int:
-    """CPUs of the biggest Ray node: a task asking for more could never be scheduled."""
-    try:
-        import ray
+def finish_task(build: Build, entries: list[dict[str, Any]], merge: bool, params: str,
+                threads: int) -> dict[str, Any]:
+    """Step 6 (a Ray task): merge the shards when ``merge``; measure the speed of what search serves."""
+    with _local_view(build.out_dir, [n for e in entries for n in (e["file"], e["ids"])], build.s3) as root, \
+            _Threads(threads):
+        merged = _merge(build, root, entries) if merge else None
+        meta = {"dim": build.dim, "factory": build.factory, "shards": entries, "merged": merged,
+                "search_params": params}
+        final = load_shards(root, meta, mmap=True, prefer_merged=True)
+        speed = measure_speed(final, _read_queries(build).vectors)
+        del final
+    return {"merged": merged, "speed": speed}
 
-        return max(1, int(max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))))
-    except (ImportError, ValueError, KeyError, RuntimeError):
-        return default
+
+def _merge(build: Build, root: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """``merged.faiss`` and its ids, written next to the local shards (then uploaded when on S3)."""
+    build.say("merging the shards into one index")
+    merged = merge_shards([os.path.join(root, e["file"]) for e in entries], build.factory, build.dim, build.say)
+    publish_index(merged, os.path.join(root, "merged.faiss"), None)
+    ids = pa.concat_arrays([read_ids(os.path.join(root, e["ids"])) for e in entries])
+    _write_ids(ids, os.path.join(root, "merged.ids.parquet"), None)
+    if io.is_s3(build.out_dir):
+        fs = io.fsspec_filesystem(build.out_dir, build.s3)
+        for name in ("merged.ids.parquet", "merged.faiss"):
+            fs.put_file(os.path.join(root, name), io.strip_scheme(io.join(build.out_dir, name)))
+    return {"file": "merged.faiss", "ids": "merged.ids.parquet", "count": int(merged.ntotal)}
 
 
-# ---------------------------------------------------------------------------- merging ---
+# ------------------------------------------------------------------------------ merging ---
 
 def merge_shards(paths: list[str], factory: str, dim: int, say: Callable[[str], None]) -> faiss.Index:
     """One index holding every shard's vectors in shard order (positions line up with the ids).
@@ -771,7 +986,7 @@ def merge_shards(paths: list[str], factory: str, dim: int, say: Callable[[str], 
     return merged
 
 
-# ----------------------------------------------------------------------------- tuning ---
+# ------------------------------------------------------------------------------- tuning ---
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-k found in the returned top-k (positions; -1 never matches)."""
@@ -857,7 +1072,119 @@ def tune(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, target: fl
     return {"params": chosen, "target_reached": reached, "trials": trials}
 
 
-# ------------------------------------------------------------------------------ the build ---
+# --------------------------------------------------------------------------- the driver ---
+
+@dataclass
+class _Cluster:
+    """The CPUs tasks are spread over."""
+
+    cpus: int
+    node_cpus: int  # of the largest node: a task asking for more could never be scheduled
+
+    @classmethod
+    def current(cls) -> "_Cluster":
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        return cls(cpus, max(1, min(cpus, max(nodes, default=cpus))))
+
+    def split(self, tasks: int) -> tuple[int, int]:
+        """How many of ``tasks`` tasks run at once, and the CPUs (= FAISS threads) each asks for."""
+        parallel = max(1, min(tasks, self.cpus))
+        return parallel, max(1, min(self.node_cpus, self.cpus // parallel))
+
+
+def _start_ray(stack: ExitStack, ray_config: RayConfig | None) -> None:
+    """Join or start Ray on first use, until ``stack`` closes: bad inputs and an index that is
+    already complete need none."""
+    if not ray.is_initialized():
+        stack.enter_context(ray_session(ray_config or RayConfig()))
+
+
+def _result(ref: ray.ObjectRef, what: str) -> Any:
+    """A task's result; its failure as an IndexBuildError that says which step failed."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, IndexBuildError):
+            raise IndexBuildError(str(cause)) from None
+        raise IndexBuildError(f"{what} failed: {type(cause).__name__}: {cause}") from e
+
+
+def _run_task(fn: Callable[..., Any], *args: Any, what: str, cpus: int = 1) -> Any:
+    """``fn(*args)`` in one Ray task; its result is small metadata."""
+    return _result(ray.remote(fn).options(num_cpus=cpus).remote(*args), what)
+
+
+def sample_and_train(build: Build, cluster: _Cluster, timings: dict[str, float]) -> None:
+    """Steps 2-3 in one task, unless an earlier run of the same plan did them."""
+    trained = not build.needs_training or io.exists(build.state(TRAINED_FILE), build.s3)
+    if trained and io.exists(build.state(QUERIES_FILE), build.s3):
+        build.say("reusing the saved training state")
+        return
+    threads = cluster.split(1)[1]
+    done = _run_task(train_task, build, threads, what="sampling and training", cpus=threads)
+    build.say(f"sampled {done['train']} training vectors and {done['queries']} tuning queries")
+    timings.update(sample_s=done["sample_s"], train_s=done["train_s"])
+
+
+def add_shards(build: Build, cluster: _Cluster) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Step 4: a task for each shard not built yet; ``index.json``'s shard list and the row counts."""
+    todo = [i for i in range(len(build.ranges)) if not _shard_done(build, i)]
+    if len(todo) < len(build.ranges):
+        build.say(f"{len(build.ranges) - len(todo)} shard(s) already built; {len(todo)} to do")
+    if todo:
+        parallel, threads = cluster.split(len(todo))
+        build.say(f"adding vectors: {len(todo)} shard(s), {parallel} at a time, {threads} thread(s) each (Ray tasks)")
+        task = ray.remote(shard_task).options(num_cpus=threads)
+        plan = ray.put(build)
+        _wait_for_shards([task.remote(plan, i, threads) for i in todo], build.say)
+    return _shard_entries(build)
+
+
+def _wait_for_shards(refs: list[ray.ObjectRef], say: Callable[[str], None]) -> None:
+    """Wait for the shard tasks in the order they finish (in tests: crash after N of them)."""
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            shard = _result(done[0], "building shards")
+            say(f"shards: {len(refs) - len(pending)}/{len(refs)} done this run ({shard['file']}: "
+                f"{shard['count']} vectors, {shard['bytes'] / 2**20:.1f} MiB, {shard['seconds']:.1f}s)")
+            _crash_point(str(len(refs) - len(pending)))
+    except IndexBuildError:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+
+
+def tune_search(build: Build, entries: list[dict[str, Any]], cluster: _Cluster) -> dict[str, Any]:
+    """Step 5 in one task, unless an earlier run of the same plan saved its result."""
+    path = build.state(TUNING_FILE)
+    if io.exists(path, build.s3):
+        tuned = io.read_json(path, build.s3)
+        build.say(f"reusing the tuned search parameters ({tuned['params'] or 'none'})")
+        return tuned
+    threads = cluster.split(1)[1]
+    data_shards = entries[: len(build.ranges)]  # not the queries' shard
+    tuned = _run_task(tune_task, build, data_shards, threads, what="tuning", cpus=threads)
+    _crash_point("tuned")
+    return tuned
+
+
+def merge_and_measure(build: Build, entries: list[dict[str, Any]], params: str, cluster: _Cluster) -> dict[str, Any]:
+    """Step 6 in one task: merge when asked and the merged index fits the budget."""
+    size = index_memory_bytes(build.factory, sum(e["count"] for e in entries), build.dim)
+    fits = size <= build.memory_budget_gb * GIB
+    skipped = None
+    if build.merge and not fits:
+        skipped = f"needs {size / GIB:.2f} GiB, budget {build.memory_budget_gb} GiB"
+        build.say(f"not merging: one index would take {size / GIB:.2f} GiB > budget {build.memory_budget_gb} GiB")
+    threads = cluster.split(1)[1]
+    done = _run_task(finish_task, build, entries, build.merge and fits, params, threads,
+                     what="merging and measuring", cpus=threads)
+    return {**done, "merge_skipped": skipped}
+
 
 def _model_from_run(input_path: str, s3: S3Options | None) -> dict[str, Any] | None:
     """Model name/fingerprint from ``OUTPUT/_run.json`` when indexing a job's ``results/``."""
@@ -872,49 +1199,39 @@ def _model_from_run(input_path: str, s3: S3Options | None) -> dict[str, Any] | N
     return model if isinstance(model, dict) else None
 
 
-def _plan_matches(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    for key in ("format", "files", "columns", "dim", "factory", "shards", "train_size", "queries", "seed",
-                "target_recall", "merge"):
-        if old.get(key) != new.get(key):
-            return key
-    return None
-
-
-def _remove_tree(out_dir: str, s3: S3Options | None) -> None:
-    """Delete a previous (different) build's files: shards, merged index, build state, index.json."""
-    fs = io.fsspec_filesystem(out_dir, s3)
-    root = io.strip_scheme(out_dir)
-    if not fs.exists(root):
-        return
-    for p in fs.find(root):
-        name = p.rsplit("/", 1)[-1]
-        if name == INDEX_JSON or name.startswith(("shard-", "merged", ".tmp-")) or f"/{BUILD_DIR}/" in p:
-            fs.rm(p)
-
-
-def _clean_temp(out_dir: str) -> None:
-    """Remove temporary files a killed build left behind (local outputs; S3 PUTs are atomic)."""
-    if io.is_s3(out_dir):
-        return
-    for root in (out_dir, os.path.join(out_dir, BUILD_DIR)):
-        if os.path.isdir(root):
-            for name in os.listdir(root):
-                if name.startswith(".tmp-"):
-                    try:
-                        os.unlink(os.path.join(root, name))
-                    except OSError:
-                        pass
-
-
-def _local_view(out_dir: str, names: list[str], s3: S3Options | None) -> tuple[str, Any]:
-    """A local directory holding ``names`` from ``out_dir`` (itself when local; a temp copy for S3)."""
-    if not io.is_s3(out_dir):
-        return io.strip_scheme(out_dir), None
-    tmp = tempfile.TemporaryDirectory(prefix="clip-etl-index-")
-    fs = io.fsspec_filesystem(out_dir, s3)
-    for name in names:
-        fs.get_file(io.strip_scheme(io.join(out_dir, name)), os.path.join(tmp.name, name))
-    return tmp.name, tmp
+def write_index_json(build: Build, entries: list[dict[str, Any]], counts: dict[str, int], tuned: dict[str, Any],
+                     finished: dict[str, Any], model_info: dict | None, timings: dict[str, float],
+                     seconds: float) -> dict[str, Any]:
+    """Step 7: ``index.json``, written last: its presence means the build is complete."""
+    skipped = {k: counts[k] for k in COUNT_KEYS if k not in ("rows", "kept")}
+    if any(skipped.values()):
+        build.say(f"skipped rows: {', '.join(f'{k}={v}' for k, v in skipped.items() if v)}")
+    speed, recall, total = finished["speed"], tuned["recall"], sum(e["count"] for e in entries)
+    meta: dict[str, Any] = {
+        "format": FORMAT, "factory": build.factory, "metric": "inner_product", "normalized": True,
+        "dim": build.dim, "count": total, "shards": entries, "merged": finished["merged"],
+        "memory_budget_gb": build.memory_budget_gb, "selection": build.selection,
+        "build_params": {"hnsw_ef_construction": HNSW_EF_CONSTRUCTION} if "HNSW" in build.factory else {},
+        "embedding_column": build.embedding_column, "id_column": build.id_column,
+        "source": {"path": build.input_path, "files": [f.path for f in build.files], "id_column": build.id_column,
+                   "embedding_column": build.embedding_column, "rows": counts["rows"], "skipped": skipped},
+        "results_path": build.input_path,
+        "model": model_info if model_info is not None else (_model_from_run(build.input_path, build.s3) or {}),
+        "search_params": tuned["params"], "target_recall": build.target_recall,
+        "target_reached": tuned["target_reached"], "recall": recall,
+        "latency_ms": {"mean": round(speed["latency_ms_mean"], 4), "p99": round(speed["latency_ms_p99"], 4)},
+        "qps": round(speed["qps"], 1),
+        "tuning": {"queries": tuned["queries"], "ground_truth_k": GROUND_TRUTH_K,
+                   "queries_held_out_of_tuned_index": True, "trials": tuned["trials"]},
+        "build_seconds": round(seconds, 3), "timings": timings, "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if finished["merge_skipped"]:
+        meta["merge_skipped"] = finished["merge_skipped"]
+    io.write_json_atomic(io.join(build.out_dir, INDEX_JSON), meta, build.s3)
+    build.say(f"search params {tuned['params'] or '(none)'}: recall@10 {recall['10']:.4f}, {speed['qps']:.0f} "
+              f"queries/s, latency {speed['latency_ms_mean']:.2f} ms (p99 {speed['latency_ms_p99']:.2f})")
+    build.say(f"index complete: {total} vectors, {len(entries)} shard(s) in {seconds:.1f}s -> {build.out_dir}")
+    return meta
 
 
 def build_index(
@@ -933,272 +1250,49 @@ def build_index(
     s3: S3Options | None = None,
     model_info: dict | None = None,
     progress: bool = True,
-    use_ray: bool | None = None,
     tuning_queries: int | None = None,
+    ray_config: RayConfig | None = None,
 ) -> dict:
     """Build (or resume, or confirm) the index of ``input_path`` in ``output_dir``; return index.json.
 
     ``input_path`` is a directory of Parquet (the pipeline's ``results/``), a file or a glob,
     local or ``s3://``; ``output_dir`` is the index directory itself (``OUTPUT/index``).
     ``factory`` overrides the automatic choice (any FAISS factory string; inner product).
-    ``shards`` / ``vectors_per_shard`` set the number of shards (default: one per million rows,
-    one for HNSW). ``use_ray``: ``None`` uses Ray when it is initialized or there are several
-    shards to build (initializing a local Ray then), ``False`` builds in this process.
-    ``tuning_queries`` sets how many held-out vectors measure recall (default up to 1000).
+    ``shards`` / ``vectors_per_shard`` set the number of data shards (default: one per million
+    rows, one for HNSW); the held-out tuning queries (``tuning_queries``, default up to 1000)
+    add one small shard. The work runs in Ray tasks: on the initialized Ray if there is one, else
+    on the one ``ray_config`` describes (default: ``RAY_ADDRESS``, or a local Ray started and
+    stopped here), so that a standalone ``clip-etl index`` works too.
     """
-    say = _printer(progress)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     if not 0 < target_recall <= 1:
         raise IndexBuildError(f"target_recall must be in (0, 1], got {target_recall}")
-    output_dir = str(output_dir).rstrip("/")
-    build_dir = io.join(output_dir, BUILD_DIR)
-
-    # 1. plan ------------------------------------------------------------------------------
-    t = time.perf_counter()
     files, schema = scan_input(input_path, s3)
     _check_columns(schema, id_column, embedding_column)
-    total_rows = files[-1].start + files[-1].rows
-    if total_rows == 0:
-        raise IndexBuildError(f"{input_path} holds no rows: nothing to index")
-    dim = _dim_from_schema(schema, embedding_column) or _peek_dim(files, embedding_column, s3)
-    budget = memory_budget_gb * GIB
-    if factory:
-        p = parse_factory(factory, dim)
-        selection = {"factory": factory, "kind": p.kind, "estimated_bytes": index_memory_bytes(factory, total_rows, dim),
-                     "train_size": train_size_for(factory, total_rows, dim, budget), "reason": "index.factory"}
-        if p.kind == "other" or (p.kind == "flat" and factory.strip() != "Flat"):
-            selection["train_size"] = selection["train_size"] or min(total_rows, 65536)
-    else:
-        try:
-            selection = choose_index(total_rows, dim, memory_budget_gb).to_dict()
-        except ValueError as e:
-            raise IndexBuildError(str(e)) from None
-    factory = selection["factory"]
-    kind = selection["kind"]
-    train_size = int(train_sample if train_sample is not None else selection["train_size"])
-    n_queries = int(tuning_queries if tuning_queries is not None else min(MAX_TUNING_QUERIES, max(1, total_rows // 10)))
-    ranges = plan_shards(total_rows, _shard_count(total_rows, kind, shards, vectors_per_shard))
-    columns = _columns(schema.names, id_column, embedding_column)
-    plan = {
-        "format": FORMAT,
-        "input": input_path,
-        "files": [f.to_dict() for f in files],
-        "columns": {"id": id_column, "embedding": embedding_column},
-        "dim": dim,
-        "factory": factory,
-        "shards": ranges,
-        "train_size": train_size,
-        "queries": n_queries,
-        "seed": SEED,
-        "target_recall": target_recall,
-        "merge": bool(merge),
-    }
-    plan = json.loads(json.dumps(plan))  # the form it has when read back from plan.json
-    plan_path = io.join(build_dir, PLAN_FILE)
-    index_json = io.join(output_dir, INDEX_JSON)
-    old_plan = io.read_json(plan_path, s3) if io.exists(plan_path, s3) else None
-    if old_plan is not None:
-        differs = _plan_matches(old_plan, plan)
-        if differs:
-            say(f"{output_dir} holds a build with a different {differs}: starting over")
-            _remove_tree(output_dir, s3)
-            old_plan = None
-        elif io.exists(index_json, s3):
-            say(f"{output_dir} is already built and up to date")
-            return io.read_json(index_json, s3)
-    elif io.exists(index_json, s3):
-        say(f"{output_dir} holds an index without build state: rebuilding it")
-        _remove_tree(output_dir, s3)
-    if old_plan is None:
-        io.write_json_atomic(plan_path, plan, s3)
-    _clean_temp(output_dir)
-    say(f"{total_rows} rows in {len(files)} file(s), dim {dim}: {factory} ({selection['reason']}), "
-        f"{len(ranges)} shard(s), ~{selection['estimated_bytes'] / GIB:.2f} GiB")
-    timings["plan_s"] = time.perf_counter() - t
-
-    # 2-3. sample and train -------------------------------------------------------------------
-    t = time.perf_counter()
-    trained_path = io.join(build_dir, TRAINED_FILE)
-    queries_path = io.join(build_dir, QUERIES_FILE)
-    probe = new_index(factory, dim)
-    needs_training = not probe.is_trained
-    if not io.exists(queries_path, s3) or (needs_training and not io.exists(trained_path, s3)):
-        sample = read_sample(files, total_rows, train_size + n_queries, columns, id_column, embedding_column, dim, s3)
-        if len(sample) == 0:
-            raise IndexBuildError(f"{input_path} holds no valid embeddings in column {embedding_column!r}")
-        nq = max(1, min(n_queries, len(sample) // 2))
-        held = sample.part(slice(0, nq))
-        train = sample.part(slice(nq, None)) if len(sample) > nq else sample
-        timings["sample_s"] = time.perf_counter() - t
-        if needs_training and not io.exists(trained_path, s3):
-            t = time.perf_counter()
-            say(f"training {factory} on {len(train)} vectors")
-            try:
-                train_index(probe, train.vectors, say)
-            except RuntimeError as e:
-                raise IndexBuildError(f"training {factory} on {len(train)} vectors failed: "
-                                      f"{str(e).splitlines()[0] if str(e) else e}") from None
-            io.write_bytes_atomic(trained_path, _serialize(probe), s3)
-            timings["train_s"] = time.perf_counter() - t
-        # written after training: its presence marks steps 2-3 done
-        _write_npz(queries_path, s3, vectors=held.vectors, ids=held.ids, rows=held.rows)
-        del sample, train, held
-        _release_arrow_memory()
-    else:
-        say("reusing the saved training state")
-    del probe
-    held = _read_npz(queries_path, s3)
-    queries = held["vectors"]
-    held_rows = np.sort(held["rows"].astype(np.int64))
-
-    # 4. shards -------------------------------------------------------------------------------
-    t = time.perf_counter()
-    todo = [i for i in range(len(ranges)) if not _shard_done(output_dir, i, s3)]
-    if len(todo) < len(ranges):
-        say(f"{len(ranges) - len(todo)} shard(s) already built; {len(todo)} to do")
-    ray_on, cpus, ray_started = _ray_cpus(use_ray, len(todo))
-    parallel = max(1, min(len(todo), cpus)) if ray_on else 1
-    threads = max(1, cpus // parallel)
-    if ray_on:
-        threads = min(threads, _largest_node_cpus(threads))
-    jobs = []
-    for i in todo:
-        lo, hi = ranges[i]
-        mine = held_rows[(held_rows >= lo) & (held_rows < hi)]
-        jobs.append(ShardJob(i, lo, hi, files, columns, id_column, embedding_column, dim, factory, output_dir,
-                             trained_path if needs_training else None, queries_path, threads, s3, progress, mine))
-    if jobs:
-        say(f"adding vectors: {len(jobs)} shard(s), {parallel} at a time, {threads} thread(s) each"
-            f"{' (Ray tasks)' if ray_on else ''}")
-    try:
-        _run_shards(jobs, ray_on, say)
-    except Exception as e:
-        cause = getattr(e, "cause", None) or e
-        raise IndexBuildError(f"building shards failed: {type(cause).__name__}: {cause}") from e
-    finally:
-        if ray_started:
-            import ray
-
-            ray.shutdown()
-    timings["add_s"] = time.perf_counter() - t
-
-    # gather shard results, global ground truth --------------------------------------------------
-    counts = dict.fromkeys(COUNT_KEYS, 0)
-    shard_entries = []
-    truth_s, truth_p = [], []
-    offset = 0
-    for i, (lo, hi) in enumerate(ranges):
-        f = shard_files(output_dir, i)
-        z = _read_npz(f["truth"], s3)
-        c = dict(zip(COUNT_KEYS, (int(v) for v in z["counts"])))
-        for key in COUNT_KEYS:
-            counts[key] += c[key]
-        truth_s.append(z["scores"])
-        truth_p.append(np.where(z["positions"] >= 0, z["positions"] + offset, -1))
-        shard_entries.append({"file": f"{shard_name(i)}.faiss", "ids": f"{shard_name(i)}.ids.parquet",
-                              "count": c["kept"], "rows": [lo, hi]})
-        offset += c["kept"]
-    if counts["kept"] == 0:
-        raise IndexBuildError(f"{input_path} holds no valid embeddings in column {embedding_column!r} "
-                              f"({counts['rows']} rows: {counts})")
-    _, truth = merge_topk(truth_s, truth_p, GROUND_TRUTH_K)
-    skipped = {k: counts[k] for k in COUNT_KEYS if k not in ("rows", "kept")}
-    if any(skipped.values()):
-        say(f"skipped rows: {', '.join(f'{k}={v}' for k, v in skipped.items() if v)}")
-
-    local_root, keep = _local_view(output_dir, [n for e in shard_entries for n in (e["file"], e["ids"])], s3)
-    try:
-        # 5. tune on the shards, which do not hold the queries yet --------------------------------
-        tuning_path = io.join(build_dir, TUNING_FILE)
-        if io.exists(tuning_path, s3):  # tuned before an interruption: the queries may be indexed now
-            tuned = io.read_json(tuning_path, s3)
-            say(f"reusing the tuned search parameters ({tuned['params'] or 'none'})")
-        else:
-            t = time.perf_counter()
-            main = load_shards(local_root, {"dim": dim, "factory": factory, "shards": shard_entries}, mmap=True)
-            tuned = tune(main, queries, truth, target_recall, say)
-            _, found = main.search_positions(queries, GROUND_TRUTH_K)
-            tuned["recall"] = {str(k): round(recall_at(found, truth, k), 5) for k in (1, 10, 100)}
-            del main, found
-            io.write_json_atomic(tuning_path, tuned, s3)
-            timings["tune_s"] = time.perf_counter() - t
-        result, recall = tuned, tuned["recall"]
-
-        # 6. index the held-out queries too: appended to the last shard -------------------------
-        last = shard_entries[-1]
-        append_held_out(local_root, last, held, output_dir, len(ranges) - 1, s3)
-        total = offset + len(queries)
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "factory": factory,
-            "metric": "inner_product",
-            "normalized": True,
-            "dim": dim,
-            "count": total,
-            "shards": shard_entries,
-            "merged": None,
-            "memory_budget_gb": memory_budget_gb,
-            "selection": selection,
-            "build_params": {"hnsw_ef_construction": HNSW_EF_CONSTRUCTION} if "HNSW" in factory else {},
-            "embedding_column": embedding_column,
-            "id_column": id_column,
-            "source": {"path": input_path, "files": [f.path for f in files], "id_column": id_column,
-                       "embedding_column": embedding_column, "rows": counts["rows"] + len(queries),
-                       "skipped": skipped},
-            "results_path": input_path,
-            "model": model_info if model_info is not None else (_model_from_run(input_path, s3) or {}),
-        }
-        if merge and len(shard_entries) > 1:
-            t = time.perf_counter()
-            size = index_memory_bytes(factory, total, dim)
-            if size > budget:
-                say(f"not merging: one index would take {size / GIB:.2f} GiB > budget {memory_budget_gb} GiB")
-                meta["merge_skipped"] = f"needs {size / GIB:.2f} GiB, budget {memory_budget_gb} GiB"
-            else:
-                say("merging the shards into one index")
-                merged = merge_shards([os.path.join(local_root, e["file"]) for e in shard_entries], factory, dim, say)
-                # Written next to the local shards, then uploaded when the output is on S3.
-                publish_index(merged, os.path.join(local_root, "merged.faiss"), None)
-                ids = pa.concat_arrays([read_ids(os.path.join(local_root, e["ids"])) for e in shard_entries])
-                _write_ids(ids, os.path.join(local_root, "merged.ids.parquet"), None)
-                meta["merged"] = {"file": "merged.faiss", "ids": "merged.ids.parquet", "count": int(merged.ntotal)}
-                del merged, ids
-                if keep is not None:
-                    fs = io.fsspec_filesystem(output_dir, s3)
-                    for n in ("merged.ids.parquet", "merged.faiss"):
-                        fs.put_file(os.path.join(local_root, n), io.strip_scheme(io.join(output_dir, n)))
-            timings["merge_s"] = time.perf_counter() - t
-
-        # speed of what open_index will serve ----------------------------------------------------
-        final = load_shards(local_root, {**meta, "search_params": result["params"]}, mmap=True, prefer_merged=True)
-        speed = measure_speed(final, queries)
-        del final
-    finally:
-        if keep is not None:
-            keep.cleanup()
-
-    say(f"search params {result['params'] or '(none)'}: recall@10 {recall['10']:.4f}, "
-        f"{speed['qps']:.0f} queries/s, latency {speed['latency_ms_mean']:.2f} ms (p99 {speed['latency_ms_p99']:.2f})")
-    timings = {k: round(v, 3) for k, v in timings.items()}
-    build_seconds = round(time.perf_counter() - t_start, 3)
-    meta.update({
-        "search_params": result["params"],
-        "target_recall": target_recall,
-        "target_reached": result["target_reached"],
-        "recall": recall,
-        "latency_ms": {"mean": round(speed["latency_ms_mean"], 4), "p99": round(speed["latency_ms_p99"], 4)},
-        "qps": round(speed["qps"], 1),
-        "tuning": {"queries": int(len(queries)), "ground_truth_k": GROUND_TRUTH_K,
-                   "queries_held_out_of_tuned_index": True, "trials": result["trials"]},
-        "build_seconds": build_seconds,
-        "timings": timings,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-    })
-    # 7. index.json last: its presence means the build is complete ----------------------------
-    io.write_json_atomic(index_json, meta, s3)
-    say(f"index complete: {total} vectors, {len(shard_entries)} shard(s) in {build_seconds:.1f}s -> {output_dir}")
-    return meta
+    timings: dict[str, float] = {}
+    with ExitStack() as stack:
+        start_ray = partial(_start_ray, stack, ray_config)
+        with _timed(timings, "plan_s"):
+            build = plan_build(
+                input_path, str(output_dir).rstrip("/"), files, schema, id_column=id_column,
+                embedding_column=embedding_column, factory=factory, shards=shards,
+                vectors_per_shard=vectors_per_shard, memory_budget_gb=memory_budget_gb,
+                target_recall=target_recall, merge=merge, train_sample=train_sample,
+                tuning_queries=tuning_queries, s3=s3, progress=progress, start_ray=start_ray)
+            complete = start_or_resume(build)
+        if complete is not None:
+            return complete
+        start_ray()
+        cluster = _Cluster.current()
+        sample_and_train(build, cluster, timings)
+        with _timed(timings, "add_s"):
+            entries, counts = add_shards(build, cluster)
+        with _timed(timings, "tune_s"):
+            tuned = tune_search(build, entries, cluster)
+        with _timed(timings, "finish_s"):
+            finished = merge_and_measure(build, entries, tuned["params"], cluster)
+    return write_index_json(build, entries, counts, tuned, finished, model_info, timings,
+                            time.perf_counter() - t_start)
 
 
 __all__ = ["IndexBuildError", "build_index", "extract_vectors", "plan_shards", "read_sample", "train_index", "tune"]

@@ -100,8 +100,12 @@ def read_bytes(path: str, s3: S3Options | None = None) -> bytes:
         return f.read()
 
 
-def write_bytes_atomic(path: str, data: bytes, s3: S3Options | None = None) -> None:
-    """Write ``data`` so that ``path`` either does not exist or holds all of it."""
+def write_bytes_atomic(path: str, data: bytes, s3: S3Options | None = None, tmp_prefix: str = ".tmp-") -> None:
+    """Write ``data`` so that ``path`` either does not exist or holds all of it.
+
+    ``tmp_prefix`` names the local temp file (runs put their id in it, so the temp files a
+    killed run leaves behind can be told from a live run's).
+    """
     if is_s3(path):
         fs = fsspec_filesystem(path, s3)
         fs.pipe_file(strip_scheme(path), data)  # one PUT: S3 objects appear atomically
@@ -109,7 +113,7 @@ def write_bytes_atomic(path: str, data: bytes, s3: S3Options | None = None) -> N
     path = strip_scheme(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -130,11 +134,19 @@ def read_json(path: str, s3: S3Options | None = None) -> Any:
     return json.loads(read_bytes(path, s3))
 
 
-def write_parquet_atomic(table: pa.Table, path: str, s3: S3Options | None = None) -> None:
+def write_parquet_atomic(table: pa.Table, path: str, s3: S3Options | None = None, *,
+                         tmp_prefix: str = ".tmp-", compression: str = "zstd") -> None:
     """Serialize the whole table in memory, then publish it atomically."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    write_bytes_atomic(path, sink.getvalue(), s3)
+    pq.write_table(table, sink, compression=compression)
+    write_bytes_atomic(path, sink.getvalue(), s3, tmp_prefix)
+
+
+def read_parquet(path: str, s3: S3Options | None = None, columns: list[str] | None = None) -> pa.Table:
+    """One whole Parquet file (local or S3)."""
+    fs = filesystem_for(path, s3)
+    with fs.open_input_file(strip_scheme(path)) as f:
+        return pq.read_table(f, columns=columns)
 
 
 def list_files(path: str, suffix: str = "", s3: S3Options | None = None) -> list[str]:
@@ -212,6 +224,16 @@ def remove(path: str, s3: S3Options | None = None) -> None:
         fs.rm(raw)
 
 
+def remove_tree(path: str, s3: S3Options | None = None) -> None:
+    """Delete a folder and everything below it, if it exists (local or S3 prefix)."""
+    fs = fsspec_filesystem(path, s3)
+    raw = strip_scheme(path)
+    try:
+        fs.rm(raw, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 def file_info(path: str, s3: S3Options | None = None) -> dict[str, Any]:
     """``{"size": bytes, "mtime": float | None, "etag": str | None}`` of a file; used to tell
     whether an input changed between a run and its resume."""
@@ -233,6 +255,14 @@ def parquet_metadata(path: str, s3: S3Options | None = None) -> tuple[int, pa.Sc
         schema = meta.schema.to_arrow_schema()
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return meta.num_rows, schema, groups
+
+
+def parquet_footer(path: str, s3: S3Options | None = None) -> tuple[int, dict[bytes, bytes]]:
+    """(rows, key-value metadata) from a Parquet footer, without reading data."""
+    fs = filesystem_for(path, s3)
+    with fs.open_input_file(strip_scheme(path)) as f:
+        meta = pq.ParquetFile(f).metadata
+        return meta.num_rows, dict(meta.metadata or {})
 
 
 def read_parquet_rows(
@@ -277,11 +307,14 @@ __all__ = [
     "join",
     "is_absolute_uri",
     "list_files",
+    "parquet_footer",
     "parquet_metadata",
     "read_bytes",
     "read_json",
+    "read_parquet",
     "read_parquet_rows",
     "remove",
+    "remove_tree",
     "resolve_relative",
     "strip_scheme",
     "unique_suffix",

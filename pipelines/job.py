@@ -1,17 +1,19 @@
-"""The batch job: checks, shard plan, Ray Data pipeline, commits, index, run record.
+"""The batch job: the driver plans, coordinates and records; Ray workers carry the data.
 
-This is the only place the stages are wired together. The order of work is chosen so that every
-job-level failure happens before any compute is spent and says what is wrong in one line:
+This is the only place the stages are wired together, in the order the data meets them. Every
+job-level failure happens before compute is spent and says what is wrong in one line:
 
-1. config values (done by :mod:`pipelines.config`), then the manifest: files, columns, ids;
-2. the model: loaded once on the driver to prove it loads and to learn its fingerprint,
-   embedding size, image size and tokenizer; label classes, templates and caption vocabulary
-   are resolved here too (files are read on the driver and shipped as lists);
-3. the shard plan, compared with ``OUTPUT/_plan.json`` of an earlier run into the same output:
-   a different input or different settings refuse to mix results;
-4. Ray: read (pending shards) -> decode (CPU tasks) -> embed/label/caption (actor pool) ->
-   the driver's :class:`~pipelines.writer.ShardWriter` commits each complete shard;
-5. the index (when on), then ``OUTPUT/_run.json`` and, last, ``OUTPUT/_SUCCESS``.
+1. config values (:mod:`pipelines.config`), then the manifest's files and columns, from footers;
+2. the output lease (:mod:`pipelines.lease`): a second live run into the same output is refused;
+3. Ray; the model resolved once for the actors (:mod:`pipelines.model`) and loaded on the driver
+   to prove it loads; ids checked for nulls and duplicates in Ray tasks;
+4. the shard plan, compared with ``OUTPUT/_plan.json`` of an earlier run into the same output:
+   different input, settings or resolved model refuse to mix results;
+5. read (pending shards) -> decode (CPU tasks) -> embed/label/caption (actor pool) -> write
+   pieces (CPU tasks, :mod:`pipelines.writer`); the driver sees one metadata row per piece and
+   commits each covered shard with a compaction task (:mod:`pipelines.commit`);
+6. counts from the commits and the part footers, the index (when on), ``OUTPUT/_run.json``
+   and, last, ``OUTPUT/_SUCCESS``.
 
 Re-running into the same output resumes: committed parts are kept untouched, the other shards
 are processed, and ``_SUCCESS`` is written only when every shard is committed.
@@ -24,8 +26,11 @@ import json
 import platform
 import sys
 import time
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import io as pio
 from .config import ConfigError, PipelineConfig, apply_job
@@ -120,31 +125,18 @@ def resolve_caption_vocabulary(cfg: PipelineConfig, s3: pio.S3Options) -> dict:
     return spec.to_dict()
 
 
-def _expects_gpu_actors(cfg: PipelineConfig) -> bool:
-    """Whether the model actors will most likely run on GPUs (before Ray tells us for sure)."""
-    gpus = cfg.embed.num_gpus
-    if gpus != "auto":
-        return float(gpus) > 0
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def load_driver_encoder(cfg: PipelineConfig, s3: pio.S3Options):
+def load_driver_encoder(cfg: PipelineConfig, s3: pio.S3Options, backend: str, precision: str):
     """Load the model once on the driver (CPU): fail fast, and learn what the stages need."""
     from .embed import ModelSpec, load_job_encoder
 
-    backend = cfg.model.backend
-    if backend == "auto" and _expects_gpu_actors(cfg):
-        backend = "torch"  # what GPU actors will resolve "auto" to: no ONNX export on the driver
-    spec = ModelSpec(cfg.model.checkpoint, backend, cfg.model.precision, device="cpu", s3=s3)
+    spec = ModelSpec(cfg.model.checkpoint, backend, precision, device="cpu", s3=s3)
     try:
         return load_job_encoder(spec)
     except ImportError as e:
-        raise JobError(f"cannot load model {cfg.model.checkpoint!r} with backend {cfg.model.backend!r}: {e}") from e
+        raise JobError(f"cannot load model {cfg.model.checkpoint!r} with backend {backend!r}: {e}") from e
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JobError(f"cannot load model {cfg.model.checkpoint!r} (backend {cfg.model.backend}): {msg}") from e
+        raise JobError(f"cannot load model {cfg.model.checkpoint!r} (backend {backend}): {msg}") from e
 
 
 def encoder_tokenizer(encoder: Any):
@@ -194,172 +186,318 @@ def run_job(cfg: PipelineConfig, job: str = "run", *, log: Callable[[str], None]
     return _run_pipeline(cfg, job, log)
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share; all of it small (no rows, pixels or embeddings)."""
+
+    cfg: PipelineConfig
+    job: str
+    log: Callable[[str], None]
+    s3: pio.S3Options
+    run_id: str = field(default_factory=pio.unique_suffix)
+    timings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    lease: Any = None
+
+    @property
+    def out(self) -> str:
+        """The output root; a local one made absolute, since workers on other nodes write into it."""
+        path = self.cfg.output.path
+        return path if pio.is_s3(path) else pio.strip_scheme(path)
+
+    def path(self, *parts: str) -> str:
+        return pio.join(self.out, *parts)
+
+    @property
+    def tmp_prefix(self) -> str:
+        """Temp files carry the run id: cleanup can tell a dead run's from a live one's."""
+        from .lease import temp_prefix
+
+        return temp_prefix(self.run_id)
+
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.timings[key] = round(time.perf_counter() - t0, 3)
+
+
+@dataclass
+class _Stages:
+    """Which outputs this run produces, resolved on the driver and shipped to the actors."""
+
+    images: bool
+    texts: bool
+    label: Any  # LabelSpec or None
+    vocabulary: dict | None  # caption vocabulary, or None when captions are off
+
+    @property
+    def caption(self) -> bool:
+        return self.vocabulary is not None
+
+
 def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> dict[str, Any]:
-    from .reader import ManifestError, build_manifest, check_ids, diff_plans, plan_shards, plan_to_dict
+    """The steps in the order the data meets them; every job-level check comes before compute."""
+    from .lease import LeaseHeldError, OutputLease
+    from .ray_runtime import actor_gpus, ray_session
+    from .writer import committed_parts
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
-    timings: dict[str, Any] = {}
-    s3 = cfg.s3_options()
-    out = cfg.output.path
-    results_dir = pio.join(out, RESULTS_DIR)
+    run = _Run(cfg, job, log, cfg.s3_options())
     if not cfg.input.path:
         raise ConfigError("config key 'input.path' is required (the manifest Parquet file, folder, glob or s3:// URI)")
+    with run.timed("manifest_s"):
+        manifest, shards = _read_manifest(run)
+    try:
+        lease = OutputLease(run.out, run.s3, timeout_s=cfg.output.lease_timeout_s, run_id=run.run_id).acquire()
+    except LeaseHeldError as e:
+        raise JobError(str(e)) from e
+    with lease:  # heartbeats until the run ends, then released
+        run.lease = lease
+        stack = ExitStack()
+        with run.timed("ray_start_s"):
+            session = stack.enter_context(ray_session(cfg.ray))
+        with stack:
+            gpus = actor_gpus(cfg.embed.num_gpus, session)
+            with run.timed("model_check_s"):
+                resolved, encoder = _resolve_model(run, gpus)
+            with run.timed("id_check_s"):
+                _check_ids(run, manifest, shards)
+            stages = _stage_specs(run, manifest)
+            _check_plan(run, manifest, shards, resolved, stages)
+            done = committed_parts(run.path(RESULTS_DIR), shards, run.s3)
+            pending = [s for s in shards if s.index not in done]
+            need_index = _prepare_output(run, shards, done, pending)
+            committed, ray_info = {}, {**session.to_dict(), "actors": cfg.embed.actors, "gpus_per_actor": gpus}
+            if pending:
+                committed, info = _process(run, manifest, shards, pending, encoder, resolved, stages, gpus)
+                ray_info.update(info)
+            else:
+                log("[clip-etl] nothing to process: every shard is committed")
+            counts = _counts(run, shards, done, committed, resolved)
+            model_info = {**_model_info(encoder), **resolved.to_dict()}
+            index_summary = _index_step(run, need_index, counts, model_info)
+    run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    record = {
+        "job": job, "status": "succeeded", "run_id": run.run_id, "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(), "config": redacted_config(cfg),
+        "versions": versions(), "model": model_info,
+        "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
+                   "caption": stages.caption, "index": cfg.index.enabled},
+        "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "notes": run.notes,
+        "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
+    }
+    pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
+    pio.write_bytes_atomic(run.path(SUCCESS_FILE), b"", run.s3)
+    log(f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
+        f"{run.timings['total_s']:.1f}s -> {run.out}")
+    return record
 
-    # 1. manifest
-    t0 = time.perf_counter()
+
+def _read_manifest(run: _Run):
+    """Step 1: the manifest's files and columns (footers only) and the shard plan."""
+    from .reader import ManifestError, build_manifest, plan_shards
+
+    cfg = run.cfg
     try:
         manifest = build_manifest(
-            cfg.input.path,
-            id_column=cfg.input.id_column,
-            image_column=cfg.input.image_column,
-            text_column=cfg.input.text_column,
-            passthrough=cfg.output.passthrough,
-            embed_images=cfg.embed.images,
-            embed_texts=cfg.embed.texts,
-            s3=s3,
-        )
-        shards = plan_shards(manifest.files, cfg.output.shard_size, cfg.input.max_rows)
-        if cfg.input.check_unique_ids:
-            check_ids(manifest, shards, s3)
+            cfg.input.path, id_column=cfg.input.id_column, image_column=cfg.input.image_column,
+            text_column=cfg.input.text_column, passthrough=cfg.output.passthrough,
+            embed_images=cfg.embed.images, embed_texts=cfg.embed.texts, s3=run.s3)
     except ManifestError as e:
         raise JobError(str(e)) from e
-    timings["manifest_s"] = round(time.perf_counter() - t0, 3)
-    planned_rows = sum(s.num_rows for s in shards)
+    return manifest, plan_shards(manifest.files, cfg.output.shard_size, cfg.input.max_rows)
 
-    # 2. model and text-side settings
-    t0 = time.perf_counter()
-    encoder = load_driver_encoder(cfg, s3)
-    do_images = manifest.image_column is not None
-    do_texts = manifest.text_column is not None
-    do_label = cfg.label.enabled and do_images
-    do_caption = cfg.caption.enabled and do_images
-    label_spec = resolve_label_spec(cfg, s3) if do_label else None
-    vocabulary = resolve_caption_vocabulary(cfg, s3) if do_caption else None
-    model_info = _model_info(encoder)
-    timings["model_check_s"] = round(time.perf_counter() - t0, 3)
-    notes = []
-    if cfg.label.enabled and not do_label:
-        notes.append("label stage skipped: the manifest has no image column")
-    if cfg.caption.enabled and not do_caption:
-        notes.append("caption stage skipped: the manifest has no image column")
 
-    # 3. plan
+def _resolve_model(run: _Run, gpus: float):
+    """Step 2: the one model of this run, resolved for the actors (see :mod:`pipelines.model`)."""
+    from .model import resolve_model
+
+    try:
+        return resolve_model(run.cfg, gpus, run.s3,
+                             lambda backend, precision: load_driver_encoder(run.cfg, run.s3, backend, precision))
+    except JobError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JobError(f"cannot resolve model {run.cfg.model.checkpoint!r} for the actors: {msg}") from e
+
+
+def _check_ids(run: _Run, manifest, shards) -> None:
+    from .reader import ManifestError, check_ids
+
+    if run.cfg.input.check_unique_ids:
+        try:
+            check_ids(manifest, shards, run.s3)
+        except ManifestError as e:
+            raise JobError(str(e)) from e
+
+
+def _stage_specs(run: _Run, manifest) -> _Stages:
+    """Step 3: which outputs the actors make, with their class names and caption vocabulary."""
+    cfg = run.cfg
+    images, texts = manifest.image_column is not None, manifest.text_column is not None
+    label = resolve_label_spec(cfg, run.s3) if cfg.label.enabled and images else None
+    vocabulary = resolve_caption_vocabulary(cfg, run.s3) if cfg.caption.enabled and images else None
+    for stage in ("label", "caption"):
+        if getattr(cfg, stage).enabled and not images:
+            run.notes.append(f"{stage} stage skipped: the manifest has no image column")
+    return _Stages(images, texts, label, vocabulary)
+
+
+def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
+    """Step 4: this run's plan against the one an earlier run left in the output."""
+    from .reader import diff_plans, plan_to_dict
+
+    cfg, label = run.cfg, stages.label
     settings = {
         "columns": {"id": manifest.id_column, "image": manifest.image_column, "text": manifest.text_column,
                     "passthrough": manifest.passthrough},
-        "model": {"fingerprint": model_info.get("fingerprint"), "backend": cfg.model.backend,
-                  "precision": cfg.model.precision},
-        "label": None if label_spec is None else {
-            "classes": _sha(label_spec.classes), "templates": _sha(label_spec.templates),
-            "num_classes": len(label_spec.classes), "top_k": label_spec.top_k},
-        "caption": None if vocabulary is None else {"vocabulary": _sha(vocabulary)},
+        "model": resolved.to_dict(),
+        "label": None if label is None else {
+            "classes": _sha(label.classes), "templates": _sha(label.templates),
+            "num_classes": len(label.classes), "top_k": label.top_k},
+        "caption": None if stages.vocabulary is None else {"vocabulary": _sha(stages.vocabulary)},
         "decode": {"max_pixels": cfg.decode.max_pixels, "max_image_bytes": cfg.decode.max_image_bytes,
                    "exif_transpose": cfg.decode.exif_transpose, "truncate_text": cfg.decode.truncate_text},
     }
     plan = plan_to_dict(manifest, shards, cfg.output.shard_size, cfg.input.max_rows, settings)
-    plan_path = pio.join(out, PLAN_FILE)
+    plan_path = run.path(PLAN_FILE)
     try:
-        old_plan = pio.read_json(plan_path, s3) if pio.exists(plan_path, s3) else None
+        old = pio.read_json(plan_path, run.s3) if pio.exists(plan_path, run.s3) else None
     except Exception as e:
         raise JobError(f"cannot read {plan_path}: {e}") from e
-    why = diff_plans(old_plan, plan) if old_plan is not None else None
-    if why and _has_parts(results_dir, s3):
-        raise JobError(
-            f"output {out} was started with a different plan ({why}); use a new output.path, "
-            "or delete the old output to start over"
-        )
-    if old_plan is None or why:
+    why = diff_plans(old, plan) if old is not None else None
+    if why and _has_parts(run.path(RESULTS_DIR), run.s3):
+        old_model = (old.get("settings") or {}).get("model")
+        if old_model != settings["model"]:
+            raise JobError(
+                f"output {run.out} holds results of model {json.dumps(old_model, sort_keys=True)}, but this run "
+                f"resolves {json.dumps(settings['model'], sort_keys=True)}; set model.backend/model.precision "
+                "to what the output was written with, or use a new output.path")
+        raise JobError(f"output {run.out} was started with a different plan ({why}); use a new output.path, "
+                       "or delete the old output to start over")
+    if old is None or why:
         if why:
-            log(f"[clip-etl] replacing the plan of an output with no results yet ({why})")
-        pio.write_json_atomic(plan_path, plan, s3)
+            run.log(f"[clip-etl] replacing the plan of an output with no results yet ({why})")
+        pio.write_json_atomic(plan_path, plan, run.s3)
 
-    from .writer import (
-        ShardWriter,
-        clean_stale_temp_files,
-        committed_parts,
-        result_schema,
-        summarize_results,
-    )
 
-    done = committed_parts(results_dir, shards, s3)
-    pending = [s for s in shards if s.index not in done]
-    done_rows = sum(s.num_rows for s in shards if s.index in done)
-    success_path = pio.join(out, SUCCESS_FILE)
-    index_dir = pio.join(out, INDEX_DIR)
-    need_index = cfg.index.enabled and (bool(pending) or not pio.exists(pio.join(index_dir, "index.json"), s3))
+def _prepare_output(run: _Run, shards, done, pending) -> bool:
+    """Step 5: clear what dead runs left (the lease says no other run is alive); returns whether
+    the index must be (re)built."""
+    from .writer import PIECES_DIR, clean_stale_temp_files
+
+    need_index = run.cfg.index.enabled and (bool(pending) or not pio.exists(run.path(INDEX_DIR, "index.json"), run.s3))
     if pending or need_index:
-        pio.remove(success_path, s3)
-    clean_stale_temp_files(results_dir)
-    log(
-        f"[clip-etl] {job}: {planned_rows} rows in {len(shards)} shards from {len(manifest.files)} manifest "
-        f"file(s); {len(done)} shards already committed, {len(pending)} to do -> {out}"
-    )
+        pio.remove(run.path(SUCCESS_FILE), run.s3)
+    pio.remove_tree(run.path(PIECES_DIR), run.s3)
+    clean_stale_temp_files(run.path(RESULTS_DIR), run.run_id)
+    planned = sum(s.num_rows for s in shards)
+    run.log(f"[clip-etl] {run.job}: {planned} rows in {len(shards)} shards; {len(done)} shards already "
+            f"committed, {len(pending)} to do -> {run.out}")
+    return need_index
 
-    # 4. the Ray pipeline
-    schema = result_schema(manifest, int(encoder.embed_dim), images=do_images, texts=do_texts,
-                           label=do_label, caption=do_caption)
-    ray_info: dict[str, Any] = {}
-    writer = None
-    if pending:
-        writer = ShardWriter(results_dir, pending, schema, s3=s3, total_rows=planned_rows, done_rows=done_rows, log=log)
-        ray_info = _process(cfg, manifest, pending, encoder, writer, s3,
-                            do_images=do_images, do_texts=do_texts, label_spec=label_spec,
-                            vocabulary=vocabulary, timings=timings)
-    else:
-        log("[clip-etl] nothing to process: every shard is committed")
 
-    # 5. counts, index, run record, _SUCCESS
-    t0 = time.perf_counter()
-    counts = summarize_results(results_dir, shards, s3)
-    timings["summarize_s"] = round(time.perf_counter() - t0, 3)
-    counts = {"rows_in": planned_rows, **counts, "shards": len(shards), "shards_resumed": len(done),
-              "shards_this_run": len(pending), "rows_this_run": writer.rows_written if writer else 0}
-    if counts["rows_out"] != planned_rows:
-        raise JobError(f"results hold {counts['rows_out']} rows but the manifest plan has {planned_rows}")
+def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _Stages, gpus: float):
+    """Step 6: read -> decode -> embed -> write pieces on the cluster; the driver commits shards
+    from the pieces' metadata. Returns (counts per committed shard, Ray facts for the record)."""
+    from .commit import ModelMismatchError, ShardCommitter
+    from .decode import DECODE_ENV, decode_dataset
+    from .embed import ModelSpec, StageSpec, embed_dataset
+    from .reader import read_dataset
+    from .writer import PIECES_DIR, PieceWriter, result_schema, write_pieces
 
-    actor_models = ray_info.get("actor_models") or []
-    if len(actor_models) == 1:
-        # the model that produced this run's embeddings (device/precision resolved on the actors)
-        model_info = {**model_info, **actor_models[0], "checked_on_driver": {
-            k: model_info.get(k) for k in ("fingerprint", "device", "precision")}}
+    cfg = run.cfg
+    schema = result_schema(manifest, int(encoder.embed_dim), images=stages.images, texts=stages.texts,
+                           label=stages.label is not None, caption=stages.caption)
+    model = ModelSpec(cfg.model.checkpoint, resolved.backend, resolved.precision, device=resolved.device,
+                      num_threads=max(1, int(cfg.embed.num_cpus)) if gpus == 0 else None, s3=run.s3)
+    stage_spec = StageSpec(images=stages.images, texts=stages.texts, label=stages.label,
+                           caption=stages.caption, caption_vocabulary=stages.vocabulary)
+    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV})
+    ds = decode_dataset(ds, _decode_options(run, manifest, encoder), batch_size=cfg.decode.batch_size,
+                        num_cpus=cfg.decode.num_cpus, concurrency=cfg.decode.concurrency)
+    ds = embed_dataset(ds, model, stage_spec, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,
+                       num_cpus=cfg.embed.num_cpus, num_gpus=gpus)
+    pieces_dir = run.path(PIECES_DIR)
+    ds = write_pieces(ds, PieceWriter(pieces_dir, schema, run.tmp_prefix, run.s3))
+    done_rows = sum(s.num_rows for s in shards) - sum(s.num_rows for s in pending)
+    committer = ShardCommitter(run.path(RESULTS_DIR), pieces_dir, pending, schema,
+                               expected_encoder=resolved.to_dict(), tmp_prefix=run.tmp_prefix, s3=run.s3,
+                               total_rows=sum(s.num_rows for s in shards), done_rows=done_rows, log=run.log,
+                               heartbeat=run.lease.check)
+    with run.timed("process_s"):
+        try:
+            for meta in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                committer.add(meta)
+                run.lease.check()
+            committer.finish()
+        except ModelMismatchError as e:
+            raise JobError(str(e)) from e
+    pio.remove_tree(pieces_dir, run.s3)
+    run.timings["stage_busy_s"] = {k: round(v, 3) for k, v in sorted(committer.stage_seconds.items())}
+    if run.timings["process_s"] > 0:
+        run.timings["rows_per_s"] = round(committer.rows_written / run.timings["process_s"], 2)
+    info = {"pieces": committer.pieces_seen, "pieces_per_node": dict(committer.nodes),
+            "actor_models": [json.loads(m) for m in sorted(committer.encoders)], "dataset_stats": _stats(ds)}
+    return committer.committed, info
 
-    index_summary = None
+
+def _decode_options(run: _Run, manifest, encoder):
+    from .decode import DecodeOptions
+
+    cfg = run.cfg
+    drop = (manifest.image_column,) if manifest.image_is_bytes and manifest.image_column not in manifest.passthrough else ()
+    return DecodeOptions(
+        image_column=manifest.image_column, text_column=manifest.text_column,
+        manifest_dirs=manifest.manifest_dirs(), transform=encoder.preprocess,
+        tokenizer=encoder_tokenizer(encoder), context_length=int(encoder.context_length),
+        drop_columns=tuple(c for c in drop if c), max_pixels=cfg.decode.max_pixels,
+        max_image_bytes=cfg.decode.max_image_bytes, exif_transpose=cfg.decode.exif_transpose,
+        truncate_text=cfg.decode.truncate_text, io_threads=cfg.decode.io_threads, s3=run.s3)
+
+
+def _stats(ds) -> str | None:
+    """Ray Data's own per-operator report (timings, rows, object store bytes) for the record."""
+    try:
+        return ds.stats()
+    except Exception:  # stats are a report, never a reason to fail a finished run
+        return None
+
+
+def _counts(run: _Run, shards, done: dict, committed: dict, resolved) -> dict[str, Any]:
+    """Step 7: the counts of every part, from its footer or its commit: the data is not re-read."""
+    from .commit import encoder_identity
+
+    parts = {**done, **committed}
+    causes: Counter = Counter()
+    for c in parts.values():
+        causes.update(c["errors_by_cause"])
+        for enc in c.get("encoders", []):
+            if encoder_identity(json.loads(enc)) != encoder_identity(resolved.to_dict()):
+                raise JobError(f"a part in {run.path(RESULTS_DIR)} was written by encoder {enc}, not by this "
+                               f"run's {json.dumps(resolved.to_dict(), sort_keys=True)}")
+    planned = sum(s.num_rows for s in shards)
+    counts = {"rows_in": planned, "rows_out": sum(c["rows"] for c in parts.values()),
+              "ok": sum(c["ok"] for c in parts.values()), "error": sum(c["error"] for c in parts.values()),
+              "errors_by_cause": dict(sorted(causes.items())), "shards": len(shards), "shards_resumed": len(done),
+              "shards_this_run": len(committed), "rows_this_run": sum(c["rows"] for c in committed.values())}
+    if counts["rows_out"] != planned:
+        raise JobError(f"results hold {counts['rows_out']} rows but the manifest plan has {planned}")
+    return counts
+
+
+def _index_step(run: _Run, need_index: bool, counts: dict, model_info: dict) -> dict | None:
+    """Step 8: the index over the results, when on and not up to date."""
     if need_index and counts["rows_out"] == 0:
-        notes.append("index skipped: the results are empty")
-        index_summary = {"skipped": "the results are empty"}
-    elif need_index:
-        t0 = time.perf_counter()
-        index_summary = _build_index(cfg, results_dir, index_dir, s3, model_info, log)
-        timings["index_s"] = round(time.perf_counter() - t0, 3)
-    elif cfg.index.enabled:
-        index_summary = {"skipped": "index is up to date"}
-    timings["total_s"] = round(time.perf_counter() - t_start, 3)
-
-    record = {
-        "job": job,
-        "status": "succeeded",
-        "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "config": redacted_config(cfg),
-        "versions": versions(),
-        "model": model_info,
-        "stages": {"images": do_images, "texts": do_texts, "label": do_label, "caption": do_caption,
-                   "index": cfg.index.enabled},
-        "counts": counts,
-        "timings": timings,
-        "ray": ray_info,
-        "index": index_summary,
-        "notes": notes,
-        "output": {"results": results_dir, "index": index_dir if cfg.index.enabled else None},
-    }
-    pio.write_json_atomic(pio.join(out, RUN_FILE), record, s3)
-    pio.write_bytes_atomic(success_path, b"", s3)
-    log(
-        f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
-        f"{timings['total_s']:.1f}s -> {out}"
-    )
-    return record
+        run.notes.append("index skipped: the results are empty")
+        return {"skipped": "the results are empty"}
+    if need_index:
+        with run.timed("index_s"):
+            return _build_index(run.cfg, run.path(RESULTS_DIR), run.path(INDEX_DIR), run.s3, model_info, run.log)
+    return {"skipped": "index is up to date"} if run.cfg.index.enabled else None
 
 
 def _has_parts(results_dir: str, s3: pio.S3Options) -> bool:
@@ -381,62 +519,6 @@ def _model_info(encoder: Any) -> dict[str, Any]:
     return json.loads(json.dumps(info, default=str))
 
 
-def _process(cfg, manifest, pending, encoder, writer, s3, *, do_images, do_texts, label_spec, vocabulary,
-             timings) -> dict[str, Any]:
-    """Stream the pending shards through decode and the actor pool into the writer."""
-    from .decode import DECODE_ENV, DecodeOptions, decode_dataset
-    from .embed import ModelSpec, StageSpec, embed_dataset
-    from .ray_runtime import actor_gpus, ray_session
-    from .reader import read_dataset
-
-    t0 = time.perf_counter()
-    with ray_session(cfg.ray) as session:
-        timings["ray_start_s"] = round(time.perf_counter() - t0, 3)
-        gpus = actor_gpus(cfg.embed.num_gpus, session)
-        drop = (manifest.image_column,) if manifest.image_is_bytes and manifest.image_column not in manifest.passthrough else ()
-        opts = DecodeOptions(
-            image_column=manifest.image_column,
-            text_column=manifest.text_column,
-            manifest_dirs=manifest.manifest_dirs(),
-            transform=encoder.preprocess,
-            tokenizer=encoder_tokenizer(encoder),
-            context_length=int(encoder.context_length),
-            drop_columns=tuple(c for c in drop if c),
-            max_pixels=cfg.decode.max_pixels,
-            max_image_bytes=cfg.decode.max_image_bytes,
-            exif_transpose=cfg.decode.exif_transpose,
-            truncate_text=cfg.decode.truncate_text,
-            io_threads=cfg.decode.io_threads,
-            s3=s3,
-        )
-        model = ModelSpec(
-            cfg.model.checkpoint, cfg.model.backend, cfg.model.precision,
-            device="auto" if gpus > 0 else "cpu",
-            num_threads=max(1, int(cfg.embed.num_cpus)) if gpus == 0 else None,
-            s3=s3,
-        )
-        stages = StageSpec(images=do_images, texts=do_texts, label=label_spec,
-                           caption=vocabulary is not None, caption_vocabulary=vocabulary)
-        ds = read_dataset(manifest, pending, s3, runtime_env={"env_vars": DECODE_ENV})
-        ds = decode_dataset(ds, opts, batch_size=cfg.decode.batch_size, num_cpus=cfg.decode.num_cpus,
-                            concurrency=cfg.decode.concurrency)
-        ds = embed_dataset(ds, model, stages, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,
-                           num_cpus=cfg.embed.num_cpus, num_gpus=gpus)
-        t1 = time.perf_counter()
-        writer.start()
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(batch)
-        writer.finish()
-        timings["process_s"] = round(time.perf_counter() - t1, 3)
-        timings["stage_busy_s"] = {k: round(v, 3) for k, v in sorted(writer.stage_seconds.items())}
-        timings["stage_busy_s"]["write"] = round(writer.write_seconds, 3)
-        if timings["process_s"] > 0:
-            timings["rows_per_s"] = round(writer.rows_written / timings["process_s"], 2)
-        actor_models = [json.loads(m) for m in sorted(writer.actor_models)]
-        return {**session.to_dict(), "actors": cfg.embed.actors, "gpus_per_actor": gpus,
-                "actor_models": actor_models}
-
-
 def _build_index(cfg, results_dir, index_dir, s3, model_info, log) -> dict[str, Any]:
     try:
         from .index_build import build_index
@@ -456,6 +538,7 @@ def _build_index(cfg, results_dir, index_dir, s3, model_info, log) -> dict[str, 
             target_recall=cfg.index.target_recall,
             merge=cfg.index.merge,
             s3=s3,
+            ray_config=cfg.ray,
             model_info=model_info,
             progress=True,
         )

@@ -269,31 +269,55 @@ def plan_shards(files: list[ManifestFile], shard_size: int, max_rows: int | None
     return shards
 
 
-def check_ids(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None) -> None:
-    """Refuse null or duplicate ids up front: the results promise every id exactly once."""
-    if manifest.id_column is None:
-        return
-    col = manifest.id_column
-    by_file: dict[int, int] = {}
-    for s in shards:
-        by_file[s.file] = max(by_file.get(s.file, 0), s.stop)
+ID_BUCKETS = 16  # hash partitions of the id check: each holds about 1/16 of the ids, in its own task
 
-    def one(fi: int) -> pa.ChunkedArray:
-        f = manifest.files[fi]
-        t = pio.read_parquet_rows(f.path, 0, by_file[fi], [col], s3, f.row_groups)
-        return t.column(col)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(by_file)))) as pool:
-        arrays = list(pool.map(one, sorted(by_file)))
-    if not arrays:
-        return
-    ids = pa.chunked_array([c for a in arrays for c in a.chunks], type=arrays[0].type) if len(arrays) > 1 else arrays[0]
+def _hash_ids(file: ManifestFile, stop: int, column: str, buckets: int, s3: pio.S3Options | None):
+    """Read one manifest file's ids and split them by hash (a Ray task: the ids stay on workers)."""
+    ids = pio.read_parquet_rows(file.path, 0, stop, [column], s3, file.row_groups).column(column).combine_chunks()
     nulls = ids.null_count
+    ids = ids.drop_null()
+    from pandas.util import hash_array  # vectorized and the same in every process (unlike hash())
+
+    part = hash_array(ids.to_numpy(zero_copy_only=False)) % buckets
+    return (nulls, *(ids.filter(pa.array(part == b)) for b in range(buckets)))
+
+
+def _duplicates_in_bucket(*arrays: pa.Array) -> tuple[int, list]:
+    """(number of repeated ids, a few examples) among one hash bucket of every file (a Ray task)."""
+    typ = arrays[0].type
+    ids = pa.chunked_array([a.cast(typ) for a in arrays if len(a)], type=typ)
+    if len(ids) == 0:
+        return 0, []
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    return len(repeated), repeated.field("values").to_pylist()[:5]
+
+
+def check_ids(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None) -> None:
+    """Refuse null or duplicate ids up front: the results promise every id exactly once.
+
+    Runs on the cluster as a two-step hash partition (one read task per manifest file, one
+    check task per bucket), so no id reaches the driver except the few named in the error.
+    """
+    if manifest.id_column is None or not shards:
+        return
+    import ray
+
+    stops: dict[int, int] = {}
+    for s in shards:
+        stops[s.file] = max(stops.get(s.file, 0), s.stop)
+    hash_task = ray.remote(num_returns=ID_BUCKETS + 1, max_retries=3)(_hash_ids)
+    check_task = ray.remote(max_retries=3)(_duplicates_in_bucket)
+    parts = [hash_task.remote(manifest.files[fi], stop, manifest.id_column, ID_BUCKETS, s3)
+             for fi, stop in sorted(stops.items())]
+    nulls = sum(ray.get([p[0] for p in parts]))
+    col = manifest.id_column
     if nulls:
         raise ManifestError(f"id column {col!r} has {nulls} null value(s); every row needs an id")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        counts = pc.value_counts(ids)
-        dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
+    found = ray.get([check_task.remote(*(p[b + 1] for p in parts)) for b in range(ID_BUCKETS)])
+    if sum(n for n, _ in found):
+        dupes = [v for _, ex in found for v in ex][:5]
         raise ManifestError(f"id column {col!r} has duplicate values, e.g. {dupes}")
 
 

@@ -1,23 +1,32 @@
-"""Stage 4: commit complete shards as Parquet parts, and summarize the results.
+"""Stage 4 (on workers): write result rows as pieces, and compact a covered shard into its part.
 
-Why the driver commits whole shards: a shard's rows come back from the actor pool in many
-batches, in any order, interleaved with other shards. Writing each batch as it arrives would
-leave partial shards on disk after a crash, and a resume could not tell which rows are missing
-without reading everything back. Instead :class:`ShardWriter` buffers a shard's rows until all
-of them are back, sorts them into manifest order, checks the count, and publishes
-``results/part-XXXXX.parquet`` atomically (temp file + rename locally, one PUT on S3). A part
-file therefore exists only when its shard is complete: it is the commit marker, and a re-run
-skips exactly the shards that have one. Memory held is bounded by the shards in flight.
+Why pieces, then parts: result rows leave the model actors in batches of any mix of shards, in
+any order. Ray tasks write each batch where it is (no row ever travels to the driver) as one
+Parquet *piece* per contiguous run of manifest rows of one shard, named by that run:
+``OUTPUT/_pieces/<shard>/<first>-<stop>.parquet``. The name depends only on the rows, so a
+retried task rewrites the same file instead of adding a second copy. The task hands the driver
+one small metadata row per piece (shard, row range, node, encoder, stage seconds), and once a
+shard's ranges cover all its rows the driver starts :func:`compact_shard`, another Ray task,
+which reads exactly the pieces the driver saw, sorts them into manifest order, checks that every
+row is there exactly once, and publishes ``results/part-XXXXX.parquet`` atomically. A part file
+therefore exists only when its shard is complete: it is the commit marker, its footer carries the
+shard's counts (so a later run never re-reads the data to count it), and a re-run skips exactly
+the shards that have one.
+
+Why not Ray Data's ``write_parquet``/``Datasink``: a datasink reports to the driver only when the
+whole dataset is written, so nothing could be committed while the job runs and a driver crash
+would lose every shard; and its files are named per write task, not per row range, so they could
+not tell a retried task's rows from new ones.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,12 +37,24 @@ from .embed import ACTOR_INFO_COL
 from .label import CAPTION_FIELDS, LABEL_FIELDS
 from .reader import ROW_COL, SHARD_COL, Manifest, Shard
 
+PIECES_DIR = "_pieces"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 CAUSE_RE = re.compile(r"(?:^|; )((?:image|text|row)\.[a-z_]+):")
+FOOTER_KEY = b"clip_etl"  # Parquet key-value metadata of a part: its counts and encoder
+
+# One metadata row per written piece: all the driver learns about the rows.
+PIECE_SCHEMA = pa.schema([
+    ("shard", pa.int32()), ("start", pa.int64()), ("stop", pa.int64()), ("path", pa.string()),
+    ("node", pa.string()), ("encoder", pa.string()), ("stage_seconds", pa.string()),
+])
 
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def piece_path(pieces_dir: str, shard: int, start: int, stop: int) -> str:
+    return pio.join(pieces_dir, f"{shard:05d}", f"{start:09d}-{stop:09d}.parquet")
 
 
 def result_schema(
@@ -67,128 +88,143 @@ def result_schema(
     return pa.schema(fields)
 
 
-def finalize_part(tables: list[pa.Table], shard: Shard, schema: pa.Schema) -> pa.Table:
-    """Pure function: one shard's result batches -> the part table, in manifest row order.
+def _node_id() -> str:
+    import ray
 
-    Raises if rows are missing or duplicated, so a bad part is never committed.
+    if not ray.is_initialized():  # outside Ray (the batch functions called directly)
+        return "local"
+    return ray.get_runtime_context().get_node_id()
+
+
+def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """``[(i, j)]`` index ranges of sorted ``rows`` whose row numbers are consecutive."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    edges = [0, *breaks.tolist(), len(rows)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class PieceWriter:
+    """Ray Data batch function: write a batch of result rows as pieces, return their metadata."""
+
+    def __init__(self, pieces_dir: str, schema: pa.Schema, tmp_prefix: str, s3: pio.S3Options | None = None):
+        self.pieces_dir = pieces_dir
+        self.schema = schema.append(pa.field(ROW_COL, pa.int64()))  # kept until compaction
+        self.tmp_prefix = tmp_prefix
+        self.s3 = s3
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        seconds = {name[4:]: float(pc.sum(batch.column(name)).as_py() or 0.0)
+                   for name in batch.column_names if name.startswith("__t_")}
+        encoders = [v for v in pc.unique(batch.column(ACTOR_INFO_COL)).to_pylist() if v] \
+            if ACTOR_INFO_COL in batch.column_names else []
+        encoder = encoders[0] if len(encoders) == 1 else json.dumps(encoders)
+        node = _node_id()
+        rows = []
+        order = pc.sort_indices(batch, [(SHARD_COL, "ascending"), (ROW_COL, "ascending")])
+        batch = batch.take(order)
+        shard_ids = batch.column(SHARD_COL).to_numpy()
+        row_ids = batch.column(ROW_COL).to_numpy()
+        for shard in np.unique(shard_ids):
+            lo, hi = np.searchsorted(shard_ids, [shard, shard + 1])
+            for i, j in contiguous_runs(row_ids[lo:hi]):
+                start, stop = int(row_ids[lo + i]), int(row_ids[lo + j - 1]) + 1
+                path = piece_path(self.pieces_dir, int(shard), start, stop)
+                pio.write_parquet_atomic(self._conform(batch.slice(lo + i, j - i)), path, self.s3,
+                                         tmp_prefix=self.tmp_prefix, compression="lz4")
+                rows.append((int(shard), start, stop, path))
+        seconds["write"] = time.perf_counter() - t0
+        stage = json.dumps(seconds, sort_keys=True)
+        cols = list(zip(*rows)) if rows else [[], [], [], []]
+        n = len(rows)
+        return pa.Table.from_arrays([*(pa.array(c, t) for c, t in zip(cols, PIECE_SCHEMA.types[:4])),
+                                     pa.array([node] * n), pa.array([encoder] * n), pa.array([stage] * n)],
+                                    schema=PIECE_SCHEMA)
+
+    def _conform(self, table: pa.Table) -> pa.Table:
+        arrays = []
+        for f in self.schema:
+            col = table.column(f.name)
+            arrays.append(col.cast(f.type) if col.type != f.type else col)
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.5):
+    """Thin Ray wrapper: the write stage as stateless tasks after the model actors. Ray Data's
+    default placement spreads small tasks over the nodes and keeps large blocks where they are,
+    so each node writes what its actors produced."""
+    return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                          zero_copy_batch=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Compaction: one Ray task per covered shard
+# --------------------------------------------------------------------------------------------
+def count_rows(table: pa.Table) -> dict[str, Any]:
+    """rows / ok / error and errors per cause of a result table."""
+    status = table.column("status")
+    ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+    causes: Counter = Counter()
+    errors = table.column("error")
+    for msg in errors.filter(pc.is_valid(errors)).to_pylist():
+        causes.update(CAUSE_RE.findall(msg))
+    return {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok,
+            "errors_by_cause": dict(sorted(causes.items()))}
+
+
+def assemble_part(tables: list[pa.Table], shard: Shard, schema: pa.Schema) -> pa.Table:
+    """Pure function: a shard's pieces -> its part table in manifest order, every row once.
+
+    Pieces may overlap (a retried task split its batch differently); the first copy of a row
+    is kept. Raises when a row is missing, so an incomplete part is never committed.
     """
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    table = table.sort_by(ROW_COL)
+    table = table.take(pc.sort_indices(table, [(ROW_COL, "ascending")]))
     rows = table.column(ROW_COL).to_numpy()
-    expected = np.arange(shard.start, shard.stop)
-    if len(rows) != len(expected) or not np.array_equal(rows, expected):
-        raise RuntimeError(
-            f"shard {shard.index}: got {len(rows)} rows ({len(np.unique(rows))} distinct), expected "
-            f"rows {shard.start}..{shard.stop - 1}"
-        )
-    arrays = []
-    for f in schema:
-        col = table.column(f.name)
-        if col.type != f.type:
-            col = col.cast(f.type)
-        arrays.append(col)
-    return pa.Table.from_arrays(arrays, schema=schema)
+    keep = np.ones(len(rows), dtype=bool)
+    keep[1:] = rows[1:] != rows[:-1]
+    if not keep.all():
+        table, rows = table.filter(pa.array(keep)), rows[keep]
+    if not np.array_equal(rows, np.arange(shard.start, shard.stop)):
+        raise RuntimeError(f"shard {shard.index}: pieces hold {len(rows)} distinct rows, expected rows "
+                           f"{shard.start}..{shard.stop - 1}")
+    return table.select(schema.names).cast(schema)
 
 
-class ShardWriter:
-    """Collect result batches per shard and commit each shard once all its rows are back."""
+def compact_shard(shard: Shard, pieces: list[str], part_path: str, schema: pa.Schema, pieces_dir: str,
+                  provenance: dict[str, list[str]], tmp_prefix: str, s3: pio.S3Options | None = None) -> dict[str, Any]:
+    """Read a covered shard's pieces, publish its part, delete the pieces; returns the part's counts.
 
-    def __init__(
-        self,
-        results_dir: str,
-        shards: list[Shard],
-        schema: pa.Schema,
-        *,
-        s3: pio.S3Options | None = None,
-        total_rows: int | None = None,
-        done_rows: int = 0,
-        log: Callable[[str], None] | None = None,
-    ):
-        self.results_dir = results_dir
-        self.pending = {s.index: s for s in shards}
-        self.schema = schema
-        self.s3 = s3
-        self.buffers: dict[int, list[pa.Table]] = {}
-        self.counts: dict[int, int] = {}
-        self.stage_seconds: Counter = Counter()
-        self.actor_models: set[str] = set()  # JSON descriptions of the encoders the actors ran
-        self.committed: list[int] = []
-        self.rows_written = 0
-        self.errors_written = 0
-        self.total_rows = total_rows
-        self.done_rows = done_rows  # rows already committed by an earlier run
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.t0 = time.perf_counter()
-        self.write_seconds = 0.0
-
-    def start(self) -> None:
-        """Start the rows/s clock (call when the dataset starts streaming)."""
-        self.t0 = time.perf_counter()
-
-    def add(self, batch: pa.Table) -> None:
-        """Take one result batch (any mix of shards)."""
-        if batch.num_rows == 0:
-            return
-        for name in batch.column_names:
-            if name.startswith("__t_"):
-                self.stage_seconds[name[4:]] += float(pc.sum(batch.column(name)).as_py() or 0.0)
-            elif name == ACTOR_INFO_COL:
-                self.actor_models.update(v for v in pc.unique(batch.column(name)).to_pylist() if v)
-        shard_ids = batch.column(SHARD_COL)
-        unique = pc.unique(shard_ids).to_pylist()
-        for sid in unique:
-            part = batch.filter(pc.equal(shard_ids, sid)) if len(unique) > 1 else batch
-            if sid not in self.pending:
-                raise RuntimeError(f"received rows of shard {sid}, which is not pending (duplicate delivery?)")
-            self.buffers.setdefault(sid, []).append(part)
-            self.counts[sid] = self.counts.get(sid, 0) + part.num_rows
-            shard = self.pending[sid]
-            if self.counts[sid] > shard.num_rows:
-                raise RuntimeError(f"shard {sid}: received {self.counts[sid]} rows, expected {shard.num_rows}")
-            if self.counts[sid] == shard.num_rows:
-                self._commit(shard)
-
-    def _commit(self, shard: Shard) -> None:
-        t0 = time.perf_counter()
-        table = finalize_part(self.buffers.pop(shard.index), shard, self.schema)
-        path = pio.join(self.results_dir, part_name(shard.index))
-        pio.write_parquet_atomic(table, path, self.s3)
-        del self.pending[shard.index]
-        self.counts.pop(shard.index, None)
-        self.committed.append(shard.index)
-        errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
-        self.rows_written += table.num_rows
-        self.errors_written += errors
-        self.write_seconds += time.perf_counter() - t0
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        done = self.done_rows + self.rows_written
-        total = f"/{self.total_rows}" if self.total_rows else ""
-        pct = f" ({100.0 * done / self.total_rows:.0f}%)" if self.total_rows else ""
-        self.log(
-            f"[clip-etl] committed {part_name(shard.index)}: {table.num_rows} rows, {errors} errors | "
-            f"{done}{total} rows{pct} | {self.rows_written / elapsed:.1f} rows/s"
-        )
-
-    def finish(self) -> None:
-        """Every pending shard must have been committed; anything else is a lost-rows bug."""
-        if self.pending:
-            missing = sorted(self.pending)
-            got = {s: self.counts.get(s, 0) for s in missing[:5]}
-            raise RuntimeError(
-                f"{len(missing)} shard(s) incomplete after the dataset finished (rows received: {got})"
-            )
+    ``provenance`` (the encoders and the nodes that wrote the pieces) goes into the footer with
+    the counts, so every part says what made it.
+    """
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(8, len(pieces))) as pool:
+        tables = list(pool.map(lambda p: pio.read_parquet(p, s3), pieces))
+    table = assemble_part(tables, shard, schema)
+    stats = {**count_rows(table), **{k: sorted(set(v)) for k, v in provenance.items()}, "committed_on": _node_id()}
+    meta = {**(schema.metadata or {}), FOOTER_KEY: json.dumps(stats, sort_keys=True).encode()}
+    pio.write_parquet_atomic(table.replace_schema_metadata(meta), part_path, s3, tmp_prefix=tmp_prefix)
+    pio.remove_tree(pio.join(pieces_dir, f"{shard.index:05d}"), s3)
+    return {**stats, "shard": shard.index, "seconds": time.perf_counter() - t0}
 
 
-def committed_parts(results_dir: str, shards: list[Shard], s3: pio.S3Options | None = None) -> set[int]:
-    """Shards whose part file exists and has the right number of rows (checked from its footer).
+# --------------------------------------------------------------------------------------------
+# What an earlier run committed, from the part footers
+# --------------------------------------------------------------------------------------------
+def committed_parts(results_dir: str, shards: list[Shard], s3: pio.S3Options | None = None
+                    ) -> dict[int, dict[str, Any]]:
+    """``{shard index: counts}`` of the shards whose part exists with the right number of rows.
 
-    A part with a wrong row count cannot come from an atomic commit of this plan; it is treated
-    as not committed and will be overwritten.
+    Counts come from the footer; a part with a wrong row count cannot come from an atomic
+    commit of this plan, so it is treated as not committed and will be overwritten.
     """
     try:
         files = pio.list_files(results_dir, suffix=".parquet", s3=s3)
     except FileNotFoundError:
-        return set()
+        return {}
     by_index = {s.index: s for s in shards}
     found: dict[int, str] = {}
     for path in files:
@@ -196,59 +232,56 @@ def committed_parts(results_dir: str, shards: list[Shard], s3: pio.S3Options | N
         if m and int(m.group(1)) in by_index:
             found[int(m.group(1))] = path
 
-    def check(item: tuple[int, str]) -> int | None:
+    def check(item: tuple[int, str]) -> tuple[int, dict[str, Any] | None]:
         idx, path = item
         try:
-            rows = pio.parquet_metadata(path, s3)[0]
+            rows, meta = pio.parquet_footer(path, s3)
         except Exception:
-            return None
-        return idx if rows == by_index[idx].num_rows else None
+            return idx, None
+        if rows != by_index[idx].num_rows:
+            return idx, None
+        if meta and FOOTER_KEY in meta:
+            return idx, json.loads(meta[FOOTER_KEY])
+        return idx, count_rows(pio.read_parquet(path, s3, columns=["status", "error"]))  # an older part
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return {i for i in pool.map(check, found.items()) if i is not None}
+        return {i: c for i, c in pool.map(check, found.items()) if c is not None}
 
 
-def clean_stale_temp_files(results_dir: str) -> int:
-    """Remove temp files a killed run left behind (local only; S3 writes are single PUTs)."""
+def clean_stale_temp_files(results_dir: str, live_run_id: str) -> int:
+    """Remove the temp files of runs that are no longer alive (local only; S3 writes are single
+    PUTs). The caller holds the output lease, so every other run's files are a dead run's."""
     import glob
     import os
 
+    from .lease import stale_temp_files
+
     if pio.is_s3(results_dir):
         return 0
+    folder = pio.strip_scheme(results_dir)
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(folder, ".tmp-*"))]
     removed = 0
-    for path in glob.glob(os.path.join(pio.strip_scheme(results_dir), ".tmp-*")):
+    for name in stale_temp_files(names, live_run_id):
         try:
-            os.unlink(path)
+            os.unlink(os.path.join(folder, name))
             removed += 1
         except OSError:
             pass
     return removed
 
 
-def summarize_results(results_dir: str, shards: list[Shard], s3: pio.S3Options | None = None) -> dict[str, Any]:
-    """Counts over all committed parts: rows, ok, error, and errors per cause."""
-    causes: Counter = Counter()
-    rows = ok = err = 0
-    paths = [pio.join(results_dir, part_name(s.index)) for s in shards]
-    for batch in pio.iter_parquet_batches(paths, columns=["status", "error"], s3=s3):
-        status = batch.column(0)
-        rows += batch.num_rows
-        n_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
-        ok += n_ok
-        err += batch.num_rows - n_ok
-        for msg in batch.column(1).to_pylist():
-            if msg:
-                for cause in CAUSE_RE.findall(msg):
-                    causes[cause] += 1
-    return {"rows_out": rows, "ok": ok, "error": err, "errors_by_cause": dict(sorted(causes.items()))}
-
-
 __all__ = [
-    "ShardWriter",
+    "PIECES_DIR",
+    "PIECE_SCHEMA",
+    "PieceWriter",
+    "assemble_part",
     "clean_stale_temp_files",
     "committed_parts",
-    "finalize_part",
+    "compact_shard",
+    "contiguous_runs",
+    "count_rows",
     "part_name",
+    "piece_path",
     "result_schema",
-    "summarize_results",
+    "write_pieces",
 ]

@@ -1,4 +1,5 @@
-"""Offline retrieval: index selection, sharded builds, exact shard merging, resume, S3, search CLI.
+"""Offline retrieval: index selection, sharded builds on Ray tasks (the driver reads no data),
+exact shard merging, resume, S3, search CLI.
 
 The data are synthetic "clustered" embeddings: points on a low-dimensional mixture of Gaussians
 mapped into D dimensions and normalized, which, like CLIP embeddings, have far fewer degrees of
@@ -223,10 +224,10 @@ def test_merge_topk_is_stable_and_pads():
 
 # ---------------------------------------------------------------------------- builds ---
 
-def test_flat_build_ids_round_trip_and_counts(small, tmp_path):
+def test_flat_build_ids_round_trip_and_counts(small, tmp_path, ray_cluster):
     folder, vecs = small
     meta = build_index(str(folder / "results"), str(tmp_path / "index"), factory="Flat", shards=2,
-                       use_ray=False, progress=False, model_info={"name": "demo.pt", "fingerprint": "abc"})
+                       progress=False, model_info={"name": "demo.pt", "fingerprint": "abc"})
     assert meta["count"] == 6000 - 60
     assert meta["source"]["skipped"]["status_not_ok"] == 60
     assert meta["recall"]["10"] == 1.0 and meta["target_reached"]
@@ -237,10 +238,18 @@ def test_flat_build_ids_round_trip_and_counts(small, tmp_path):
     on_disk = json.loads((tmp_path / "index" / "index.json").read_text())
     assert on_disk["count"] == meta["count"]
     idx = open_index(str(tmp_path / "index"))
-    assert idx.ntotal == 5940 and idx.dim == 48 and len(idx.shards) == 2
-    # the tuning queries were held out of the tuned shards, then appended to the last one
-    assert meta["shards"][-1]["held_out_queries"] == meta["tuning"]["queries"] > 0
+    assert idx.ntotal == 5940 and idx.dim == 48 and len(idx.shards) == 2 + 1
+    # the tuning queries were held out of the tuned data shards and have a shard of their own
+    assert meta["shards"][-1]["file"] == "shard-queries.faiss"
+    assert meta["shards"][-1]["held_out_queries"] == meta["shards"][-1]["count"] == meta["tuning"]["queries"] > 0
     assert sum(s["count"] for s in meta["shards"]) == meta["count"]
+    # every valid row is in the index exactly once, and found by its own vector
+    valid = np.delete(np.arange(6000), np.arange(60) * 7)
+    ids = np.concatenate([pq.read_table(tmp_path / "index" / s["ids"]).column("id").to_numpy(zero_copy_only=False)
+                          for s in meta["shards"]])
+    assert sorted(ids) == [f"img-{i:06d}" for i in valid]
+    _, top = idx.search(vecs[valid], 1)
+    assert top[:, 0].tolist() == [f"img-{i:06d}" for i in valid]
     rows = np.array([1, 2, 3, 2500, 5999])  # row 0 is a failed row
     scores, ids = idx.search(vecs[rows], 3)
     assert ids[:, 0].tolist() == [f"img-{i:06d}" for i in rows]
@@ -257,10 +266,10 @@ def test_flat_build_ids_round_trip_and_counts(small, tmp_path):
         idx.search(np.zeros((2, 5), np.float32), 3)
 
 
-def test_ivf_recall_reaches_target_and_records_tuning(small, tmp_path):
+def test_ivf_recall_reaches_target_and_records_tuning(small, tmp_path, ray_cluster):
     folder, vecs = small
     meta = build_index(str(folder / "results"), str(tmp_path / "index"), factory="IVF64,Flat",
-                       target_recall=0.95, use_ray=False, progress=False)
+                       target_recall=0.95, progress=False)
     assert meta["target_reached"] and meta["recall"]["10"] >= 0.95
     assert meta["search_params"].startswith("nprobe=")
     trials = meta["tuning"]["trials"]
@@ -279,13 +288,13 @@ def test_ivf_recall_reaches_target_and_records_tuning(small, tmp_path):
 def test_sharded_search_equals_unsharded_and_merged(small, tmp_path, ray_cluster):
     folder, vecs = small
     common = dict(factory="IVF32,PQ12x8", train_sample=3000, progress=False, tuning_queries=200)
-    one = build_index(str(folder / "results"), str(tmp_path / "one"), shards=1, use_ray=False, **common)
+    one = build_index(str(folder / "results"), str(tmp_path / "one"), shards=1, **common)
     many = build_index(str(folder / "results"), str(tmp_path / "many"), shards=4, merge=True, **common)
-    assert len(many["shards"]) == 4 and many["merged"]["count"] == one["count"]
+    assert len(many["shards"]) == 4 + 1 and many["merged"]["count"] == one["count"]  # + the queries' shard
     a = open_index(str(tmp_path / "one"))
     b = open_index(str(tmp_path / "many"), prefer_merged=False)
     m = open_index(str(tmp_path / "many"), prefer_merged=True)
-    assert len(b.shards) == 4 and len(m.shards) == 1
+    assert len(b.shards) == 4 + 1 and len(m.shards) == 1
     queries = vecs[::37]
     for params in ("nprobe=1", "nprobe=8", "nprobe=32"):
         for idx in (a, b, m):
@@ -316,11 +325,14 @@ def test_flat_shards_equal_exact_search(small, tmp_path, ray_cluster):
 
 
 def _build_in_subprocess(results, out, crash: str | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """``build_index(results, out, use_ray=False, progress=True, **kwargs)`` in a fresh interpreter,
-    told to exit abruptly at ``crash`` (see CRASH_ENV) when given."""
+    """``build_index(results, out, progress=True, **kwargs)`` in a fresh interpreter, a driver of
+    the module's Ray (so a crash kills the driver only, as a killed ``clip-etl index`` would), told
+    to exit abruptly at ``crash`` (see CRASH_ENV) when given."""
+    import ray
+
     script = ("import json, sys; from pipelines.index_build import build_index; "
-              "build_index(sys.argv[1], sys.argv[2], use_ray=False, progress=True, **json.loads(sys.argv[3]))")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+              "build_index(sys.argv[1], sys.argv[2], progress=True, **json.loads(sys.argv[3]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     env.pop(CRASH_ENV, None)
     if crash is not None:
         env[CRASH_ENV] = crash
@@ -328,27 +340,36 @@ def _build_in_subprocess(results, out, crash: str | None = None, **kwargs) -> su
                           capture_output=True, text=True, timeout=300)
 
 
-def test_resume_after_crash_gives_same_index(small, tmp_path):
+def _files(folder: Path, pattern: str) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+
+
+def test_resume_after_crash_gives_same_index(small, tmp_path, ray_cluster):
     folder, vecs = small
     kw = dict(factory="IVF32,PQ12x8", shards=4, train_sample=3000, tuning_queries=200)
     out = tmp_path / "resumed"
     proc = _build_in_subprocess(folder / "results", out, crash="2", **kw)
     assert proc.returncode == 75, proc.stderr[-2000:]
-    assert (out / "shard-00000.faiss").exists() and (out / "shard-00001.faiss").exists()
-    assert not (out / "shard-00002.faiss").exists() and not (out / "index.json").exists()
+    assert not (out / "index.json").exists()
+    # two shard tasks reported done; the crash killed the ones in flight (shards run side by side,
+    # so which finished first, and whether a third made it, is up to the scheduler)
+    kept = _files(out / "_build", "shard-0*.json")
+    assert len(kept) >= 2, kept
     first_trained = (out / "_build" / "trained.faiss").read_bytes()
-    shard0 = (out / "shard-00000.faiss").stat().st_mtime_ns
+    shards_before = _files(out, "shard-*.faiss")
 
     proc = _build_in_subprocess(folder / "results", out, **kw)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 shard(s) already built; 2 to do" in proc.stderr
-    assert (out / "shard-00000.faiss").stat().st_mtime_ns == shard0  # kept, not rebuilt
+    assert f"{len(kept)} shard(s) already built; {4 - len(kept)} to do" in proc.stderr
+    assert "reusing the saved training state" in proc.stderr
+    after = _files(out, "shard-*.faiss")
+    assert all(after[name] == mtime for name, mtime in shards_before.items())  # kept, not rebuilt
     assert (out / "_build" / "trained.faiss").read_bytes() == first_trained
 
-    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), use_ray=False, progress=False, **kw)
+    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), progress=False, **kw)
     assert (tmp_path / "fresh" / "_build" / "trained.faiss").read_bytes() == first_trained  # deterministic
-    for i in range(4):
-        assert (tmp_path / "fresh" / f"shard-{i:05d}.faiss").read_bytes() == (out / f"shard-{i:05d}.faiss").read_bytes()
+    for name in [f"shard-{i:05d}.faiss" for i in range(4)] + ["shard-queries.faiss"]:
+        assert (tmp_path / "fresh" / name).read_bytes() == (out / name).read_bytes(), name
     a, b = open_index(str(out)), open_index(str(tmp_path / "fresh"))
     assert a.meta["search_params"] == fresh["search_params"]
     sa, ia = a.search(vecs[::50], 10)
@@ -356,32 +377,67 @@ def test_resume_after_crash_gives_same_index(small, tmp_path):
     assert (ia == ib).all() and np.array_equal(sa, sb)
 
 
-def test_resume_after_crash_while_adding_the_held_out_queries(small, tmp_path):
+def test_resume_after_crash_after_tuning_rewrites_no_shard(small, tmp_path, ray_cluster):
     folder, _ = small
     kw = dict(factory="IVF16,Flat", shards=2, tuning_queries=100)
     out = tmp_path / "resumed"
-    proc = _build_in_subprocess(folder / "results", out, crash="append", **kw)
+    proc = _build_in_subprocess(folder / "results", out, crash="tuned", **kw)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert (out / "_build" / "tuning.json").exists() and not (out / "index.json").exists()
+    queries = pq.read_table(out / "_build" / "tuning_queries.parquet")
+    assert queries.num_rows == 100 and queries.column_names == ["id", "row", "embedding"]
+    shards_before = _files(out, "shard-*")
+    assert len(shards_before) == 2 * (2 + 1)  # .faiss and .ids.parquet of 2 data shards + the queries' shard
+
     proc = _build_in_subprocess(folder / "results", out, **kw)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reusing the tuned search parameters" in proc.stderr
-    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), use_ray=False, progress=False, **kw)
+    assert _files(out, "shard-*") == shards_before  # finishing the build wrote no shard again
+    fresh = build_index(str(folder / "results"), str(tmp_path / "fresh"), progress=False, **kw)
     resumed = json.loads((out / "index.json").read_text())
     assert resumed["count"] == fresh["count"] == 5940 and resumed["shards"] == fresh["shards"]
     assert resumed["search_params"] == fresh["search_params"] and resumed["recall"] == fresh["recall"]
-    assert (out / "shard-00001.faiss").read_bytes() == (tmp_path / "fresh" / "shard-00001.faiss").read_bytes()
-    assert pq.read_table(out / "shard-00001.ids.parquet").equals(pq.read_table(tmp_path / "fresh" / "shard-00001.ids.parquet"))
+    for name in shards_before:
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
 
 
-def test_rerun_is_noop_and_changed_settings_rebuild(small, tmp_path):
+def test_driver_reads_no_results_or_index_data(small, tmp_path, ray_cluster, monkeypatch):
+    """Every read of result rows, vectors or index files happens in Ray tasks (other processes):
+    the build succeeds with the driver's data readers made to fail."""
+    folder, vecs = small
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver read data")
+
+    for name in ("iter_row_range", "read_sample", "_extract", "_read_queries", "_read_npz", "load_shards"):
+        monkeypatch.setattr(index_build, name, forbidden)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", forbidden)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", forbidden)
+    monkeypatch.setattr(pq, "read_table", forbidden)
+    monkeypatch.setattr(faiss, "read_index", forbidden)
+    monkeypatch.setattr(np, "load", forbidden)
+    meta = build_index(str(folder / "results"), str(tmp_path / "index"), factory="IVF32,Flat", shards=3,
+                       merge=True, progress=False, tuning_queries=200)
+    monkeypatch.undo()
+    assert meta["count"] == 5940 and meta["source"]["skipped"]["status_not_ok"] == 60
+    assert [s["count"] for s in meta["shards"]][-1] == meta["tuning"]["queries"] == 200
+    assert meta["merged"]["count"] == 5940 and meta["target_reached"] and meta["recall"]["10"] >= 0.95
+    idx = open_index(str(tmp_path / "index"), prefer_merged=False)
+    assert idx.ntotal == 5940
+    queries = clustered(6300, 48, clusters=40, latent=16, seed=1)[6000:]  # unseen points
+    base = np.delete(vecs, np.arange(60) * 7, axis=0)
+    names = np.delete(np.array([f"img-{i:06d}" for i in range(6000)]), np.arange(60) * 7)
+    assert recall(idx.search(queries, 10)[1], names[exact_topk(base, queries, 10)]) >= 0.93
+
+
+def test_rerun_is_noop_and_changed_settings_rebuild(small, tmp_path, ray_cluster):
     folder, _ = small
-    kw = dict(factory="Flat", use_ray=False, progress=False)
+    kw = dict(factory="Flat", progress=False)
     first = build_index(str(folder / "results"), str(tmp_path / "i"), **kw)
     again = build_index(str(folder / "results"), str(tmp_path / "i"), **kw)
     assert again["created_at"] == first["created_at"]  # complete and unchanged: nothing rebuilt
     other = build_index(str(folder / "results"), str(tmp_path / "i"), shards=2, **kw)
-    assert len(other["shards"]) == 2 and not (tmp_path / "i" / "shard-00002.faiss").exists()
+    assert len(other["shards"]) == 2 + 1 and not (tmp_path / "i" / "shard-00002.faiss").exists()
     assert open_index(str(tmp_path / "i")).ntotal == first["count"]
 
 
@@ -395,7 +451,7 @@ def test_hnsw_quantizer_training_is_deterministic():
     assert blobs[0] == blobs[1]
 
 
-def test_bad_inputs_fail_clearly(tmp_path):
+def test_bad_inputs_fail_clearly(tmp_path, ray_cluster):
     with pytest.raises(IndexBuildError, match="does not exist"):
         build_index(str(tmp_path / "nope"), str(tmp_path / "i"), progress=False)
     write_results(tmp_path / "r", clustered(100, 8), files=1)
@@ -407,9 +463,9 @@ def test_bad_inputs_fail_clearly(tmp_path):
         open_index(str(tmp_path / "i"))
 
 
-def test_mmap_and_in_memory_loading_agree(small, tmp_path):
+def test_mmap_and_in_memory_loading_agree(small, tmp_path, ray_cluster):
     folder, vecs = small
-    build_index(str(folder / "results"), str(tmp_path / "i"), factory="IVF32,Flat", use_ray=False, progress=False)
+    build_index(str(folder / "results"), str(tmp_path / "i"), factory="IVF32,Flat", progress=False)
     a = open_index(str(tmp_path / "i"), mmap=True)
     b = open_index(str(tmp_path / "i"), mmap=False)
     sa, ia = a.search(vecs[:50], 10)
@@ -420,7 +476,7 @@ def test_mmap_and_in_memory_loading_agree(small, tmp_path):
 # ----------------------------------------------------------------------------- recall ---
 
 @pytest.mark.e2e
-def test_auto_index_recall_100k_x_512(tmp_path):
+def test_auto_index_recall_100k_x_512(tmp_path, ray_cluster):
     """The auto-selected index reaches recall@10 >= 0.95 against exact search on unseen queries."""
     data = clustered(101_000, 512, clusters=200, latent=48, seed=7)
     base, queries = data[:100_000], data[100_000:]
@@ -467,17 +523,18 @@ def test_s3_results_to_s3_index(small, tmp_path, s3_endpoint, ray_cluster, monke
     client.create_bucket(Bucket="bucket")
     for path in sorted((folder / "results").glob("*.parquet")):
         client.upload_file(str(path), "bucket", f"job/results/{path.name}")
-    monkeypatch.setenv("CLIP_ETL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLIP_ETL_CACHE_DIR", str(tmp_path / "cache"))
     meta = build_index("s3://bucket/job/results", "s3://bucket/job/index", factory="IVF32,Flat", shards=2,
                        merge=True, s3=s3, progress=False, tuning_queries=200)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="job/index/")["Contents"]}
     assert {"job/index/index.json", "job/index/shard-00000.faiss", "job/index/shard-00001.ids.parquet",
+            "job/index/shard-queries.faiss", "job/index/_build/tuning_queries.parquet",
             "job/index/merged.faiss"} <= keys
     assert not any(k.rsplit("/", 1)[-1].startswith(".tmp") for k in keys)
     idx = open_index("s3://bucket/job", s3=s3)  # the job output root works too
     assert idx.ntotal == meta["count"] == 5940
     local = build_index(str(folder / "results"), str(tmp_path / "local"), factory="IVF32,Flat", shards=2,
-                        use_ray=False, progress=False, tuning_queries=200)
+                        progress=False, tuning_queries=200)
     assert local["search_params"] == meta["search_params"]
     ref = open_index(str(tmp_path / "local"))
     sa, ia = idx.search(vecs[::40], 10)
@@ -491,10 +548,10 @@ def test_s3_results_to_s3_index(small, tmp_path, s3_endpoint, ray_cluster, monke
 # -------------------------------------------------------------------------------- CLI ---
 
 @pytest.fixture(scope="module")
-def built(small, tmp_path_factory):
+def built(small, tmp_path_factory, ray_cluster):
     folder, vecs = small
     out = tmp_path_factory.mktemp("built") / "index"
-    build_index(str(folder / "results"), str(out), factory="Flat", use_ray=False, progress=False,
+    build_index(str(folder / "results"), str(out), factory="Flat", progress=False,
                 model_info={"name": "fake-model.pt", "fingerprint": "f00"})
     return out, vecs
 

@@ -22,7 +22,9 @@ from clip_core.preprocess import (
     center_crop,
     image_transform,
     load_image,
+    normalize,
     preprocess_batch,
+    resize_crop,
     resize_shorter_side,
 )
 
@@ -189,6 +191,71 @@ def test_preprocess_batch():
     for row, img in zip(batch, images):
         assert torch.equal(row, image_transform(64)(img))
     assert preprocess_batch([], 64).shape == (0, 3, 64, 64)
+
+
+def test_two_steps_are_the_transform():
+    """resize_crop + normalize on a batch is bit for bit the per-image transform."""
+    images = [make_image(mode, size) for mode, size in zip(MODES, SIZES)]
+    for res in (224, 64):
+        pixels = np.stack([resize_crop(img, res) for img in images])  # [N, R, R, 3] uint8
+        assert pixels.dtype == np.uint8 and pixels.shape == (len(images), res, res, 3)
+        expected = torch.stack([image_transform(res)(img) for img in images])
+        for batch in (pixels, torch.from_numpy(pixels)):
+            out = normalize(batch)
+            assert out.dtype == torch.float32 and out.shape == (len(images), 3, res, res) and out.is_contiguous()
+            assert torch.equal(out, expected)
+        for img, row in zip(images, normalize(pixels)):
+            assert_same(row, reference_openai_preprocess(img, res))
+
+
+def test_transform_halves_use_its_constants():
+    t = image_transform(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    img = make_image("RGBA", (50, 41))
+    assert np.array_equal(t.pixels(img), resize_crop(img, 32))
+    assert torch.equal(t.normalize(t.pixels(img)[None])[0], t(img))
+    assert torch.equal(t.normalize(t.pixels(img)[None]), normalize(t.pixels(img)[None], t.mean, t.std))
+
+
+def test_normalize_reads_read_only_arrays_without_warning():
+    import warnings
+
+    pixels = np.frombuffer(resize_crop(make_image("RGB", (40, 30)), 16).tobytes(), np.uint8).reshape(1, 16, 16, 3)
+    assert not pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalize(pixels)
+    assert torch.equal(out, normalize(pixels.copy()))
+
+
+def test_normalize_moves_uint8_to_the_device_first():
+    out = normalize(np.zeros((2, 8, 8, 3), np.uint8), device="meta")
+    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (2, 3, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalize_on_cuda_is_bit_identical():
+    images = [make_image(mode, (300, 200)) for mode in MODES]
+    pixels = np.stack([resize_crop(img, 224) for img in images])
+    assert torch.equal(normalize(pixels, device="cuda").cpu(), normalize(pixels))
+
+
+def test_normalize_rejects_what_is_not_uint8_channels_last():
+    with pytest.raises(ValueError):
+        normalize(np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError):
+        normalize(np.zeros((1, 3, 8, 8), np.uint8))
+    with pytest.raises(ValueError):
+        normalize(np.zeros((8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize("mean, std", [((0.5,) * 3, (0.5, 0.0, 0.5)), ((0.5,) * 3, (0.5, -1.0, 0.5)),
+                                       ((float("nan"), 0.5, 0.5), (0.5,) * 3), ((0.5,) * 3, (float("inf"),) * 3),
+                                       ((0.5, 0.5), (0.5,) * 3)])
+def test_constants_that_would_give_non_finite_pixels_are_rejected(mean, std):
+    with pytest.raises(ValueError):
+        image_transform(32, mean, std)
+    with pytest.raises(ValueError):
+        normalize(np.zeros((1, 8, 8, 3), np.uint8), mean, std)
 
 
 def test_rejects_bad_resolution():

@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline_fixtures import tiny_checkpoint  # noqa: F401 (fixture)
@@ -66,20 +67,23 @@ def ray_cluster():
         r = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, env=env, timeout=60)
         return r.returncode == 0
 
+    procs = [proc]
     try:
         ok = wait_for(job_server_up, timeout=240, interval=2)
         if proc.poll() is not None or not ok:
             log.flush()
             pytest.fail("ray start --head did not come up:\n" + Path(temp_dir, "head.log").read_text()[-3000:])
+        procs.append(_start_worker_node(f"127.0.0.1:{ports['port']}", temp_dir, env, address))
         yield {"address": address, "temp_dir": temp_dir, "env": env}
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            if wait_for(lambda: proc.poll() is not None, timeout=5, interval=0.5):
-                break
+        for p in reversed(procs):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+                if wait_for(lambda: p.poll() is not None, timeout=5, interval=0.5):
+                    break
         for pid in _pids_using(temp_dir):  # daemons that left the process group
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -89,12 +93,35 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _alive_nodes(address: str, env: dict) -> int:
+    r = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json", "--filter", "state=ALIVE"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    return len(json.loads(r.stdout)) if r.returncode == 0 and r.stdout.strip().startswith("[") else 0
+
+
+def _start_worker_node(gcs: str, temp_dir: str, env: dict, address: str) -> subprocess.Popen:
+    """A second Ray node on this machine (own raylet and object store), joined to the head."""
+    ports = {name: free_port() for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "runtime-env-agent-port")}
+    args = [RAY, "start", f"--address={gcs}", "--block", "--num-cpus=2", "--object-store-memory=150000000",
+            "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}/w"] + [
+                f"--{k}={v}" for k, v in ports.items()]
+    log = open(os.path.join(temp_dir, "worker.log"), "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if not wait_for(lambda: proc.poll() is not None or _alive_nodes(address, env) >= 2, timeout=180, interval=2) \
+            or proc.poll() is not None:
+        log.flush()
+        pytest.fail("the worker node did not join:\n" + Path(temp_dir, "worker.log").read_text()[-3000:])
+    return proc
+
+
 def test_ray_job_submit_runs_the_pipeline(ray_cluster, tiny_checkpoint, tmp_path):
     work = copy_conf(tmp_path / "work")
     data = work / "data"
-    paths = write_images(data / "images", 10)
+    paths = write_images(data / "images", 24)
     write_manifest(data / "manifest.parquet", {"image": [f"images/{p.name}" for p in paths],
-                                               "text": [f"text {i}" for i in range(10)]})
+                                               "text": [f"text {i}" for i in range(24)]})
     shutil.copy(tiny_checkpoint, data / "tiny.safetensors")
     out = tmp_path / "out"
     submission = f"clip-etl-test-{uuid.uuid4().hex[:8]}"
@@ -102,7 +129,7 @@ def test_ray_job_submit_runs_the_pipeline(ray_cluster, tiny_checkpoint, tmp_path
            "--submission-id", submission, "--",
            "clip-etl", "run", "-c", "conf/pipeline.yaml", "input.path=data/manifest.parquet",
            f"output.path={out}", "model.checkpoint=data/tiny.safetensors", "model.precision=fp32",
-           "output.shard_size=4", "embed.batch_size=4", "label.classes=[red, blue]", "index.enabled=false"]
+           "output.shard_size=4", "embed.batch_size=4", "decode.batch_size=4", "label.classes=[red, blue]", "index.enabled=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_cluster["env"], timeout=500)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-6000:]
@@ -112,10 +139,16 @@ def test_ray_job_submit_runs_the_pipeline(ray_cluster, tiny_checkpoint, tmp_path
     assert status.returncode == 0 and "succeeded" in (status.stdout + status.stderr).lower()
     assert (out / "_SUCCESS").exists()
     table = read_results(out)
-    assert table.num_rows == 10 and set(table.column("status").to_pylist()) == {"ok"}
+    assert table.num_rows == 24 and set(table.column("status").to_pylist()) == {"ok"}
     record = json.loads((out / "_run.json").read_text())
     assert record["ray"]["mode"] == "cluster"  # connected through RAY_ADDRESS, no embedded Ray
-    assert record["counts"]["rows_out"] == 10
+    assert record["counts"]["rows_out"] == 24
+    # Workers on both nodes wrote results; each part's footer names the nodes that wrote it.
+    writers = set()
+    for part in sorted((out / "results").iterdir()):
+        footer = json.loads(pq.ParquetFile(part).metadata.metadata[b"clip_etl"])
+        writers.update(footer["writer_nodes"])
+    assert len(writers) == 2 and writers == set(record["ray"]["pieces_per_node"]), record["ray"]
 
 
 def test_ray_job_submit_failure_is_not_succeeded(ray_cluster, tmp_path):

@@ -100,6 +100,8 @@ def test_resume_after_sigkill(slow_manifest, tiny_checkpoint, tmp_path):
     record = json.loads((out / "_run.json").read_text())
     assert record["counts"]["shards_resumed"] == len(first)
     assert record["counts"]["rows_out"] == ROWS and record["counts"]["ok"] == ROWS
+    assert record["counts"]["rows_this_run"] == ROWS - len(first) * SHARD < ROWS  # committed work not redone
+    assert not (out / "_pieces").exists()
 
     # an uninterrupted run (in this process, embedded Ray) gives the same results
     from pipelines import cli
@@ -112,3 +114,34 @@ def test_resume_after_sigkill(slow_manifest, tiny_checkpoint, tmp_path):
     np.testing.assert_allclose(embeddings(table, "text_embedding"), embeddings(ref, "text_embedding"), atol=1e-6)
     assert table.column("label").to_pylist() == ref.column("label").to_pylist()
     assert table.column("caption").to_pylist() == ref.column("caption").to_pylist()
+
+
+def test_a_second_run_into_a_live_output_is_refused(slow_manifest, tiny_checkpoint, tmp_path):
+    """Two runs into one output (an Airflow retry while the first still runs): the second fails
+    fast naming the holder; once the holder is killed, the next run takes over and resumes."""
+    out = tmp_path / "out"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([CLIP_ETL, *_args(slow_manifest, out, tiny_checkpoint)], stdout=log,
+                             stderr=subprocess.STDOUT, env=cli_env(), cwd=str(REPO), start_new_session=True)
+    try:
+        assert wait_for(lambda: (out / "_lease.json").exists() or first.poll() is not None, timeout=300)
+        holder = json.loads((out / "_lease.json").read_text())
+        second = subprocess.run([CLIP_ETL, *_args(slow_manifest, out, tiny_checkpoint)], capture_output=True,
+                                text=True, env=cli_env(), cwd=str(REPO), timeout=120)
+        assert first.poll() is None, "the first run ended before the second one tried"
+        assert second.returncode != 0
+        assert f"output is in use by run '{holder['run_id']}'" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert wait_for(lambda: len(_parts(out)) >= 1 or first.poll() is not None, timeout=400, interval=0.02)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        kill_group(first)
+        log.close()
+    done_before = len(_parts(out))
+    third = subprocess.run([CLIP_ETL, *_args(slow_manifest, out, tiny_checkpoint)], capture_output=True, text=True,
+                           env=cli_env(), cwd=str(REPO), timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    record = json.loads((out / "_run.json").read_text())
+    assert record["counts"]["shards_resumed"] == done_before and record["counts"]["rows_out"] == ROWS
+    assert not (out / "_lease.json").exists()  # released at the end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,3 +98,24 @@ def test_s3_errors_are_one_line(bucket, tiny_checkpoint, capsys):
     assert rc == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("clip-etl: error:")]
     assert len(err) == 1 and "s3://data/in/missing.parquet" in err[0]
+
+
+def test_a_live_lease_on_s3_refuses_a_second_run(ray_local, bucket, tiny_checkpoint, capsys):
+    """The lease is a conditional PUT on S3: a run into an output another run holds fails at
+    once naming the holder; when the holder stops heartbeating, the lease expires and a run goes in."""
+    from pipelines.lease import OutputLease
+
+    opts = pio.S3Options(endpoint_url=bucket["endpoint"], access_key_id="testing", secret_access_key="testing",
+                         region="us-east-1")
+    out = "s3://results/leased"
+    holder = OutputLease(out, opts, timeout_s=3, run_id="other-run").acquire()  # no heartbeat: as if killed
+    args = ["run", "input.path=s3://data/in/manifest.parquet", f"output.path={out}",
+            f"model.checkpoint={tiny_checkpoint}", "model.backend=torch", "model.precision=fp32",
+            "label.classes=[a, b]", "index.enabled=false", "output.lease_timeout_s=3",
+            *s3_overrides(bucket["endpoint"])]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "output is in use by run 'other-run'" in err and "_lease.json" in err
+    time.sleep(3.5)
+    assert cli.main(args) == 0
+    assert holder.path == "s3://results/leased/_lease.json" and not pio.exists(holder.path, opts)
