@@ -221,18 +221,19 @@ def parse_stats(texts: list[str]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Workload
 # --------------------------------------------------------------------------------------------
-def build_checkpoint(folder: Path) -> tuple[str, dict]:
+def build_checkpoint(folder: Path, resolution: int = 32) -> tuple[str, dict]:
+    """The ``tiny-test`` CLIP, at another input resolution when asked (patches of R/4 pixels, so
+    the model stays as cheap while the pixels crossing the object store grow as at real sizes)."""
     import torch
 
-    from clip_core import create_model
+    from clip_core import CLIPConfig, create_model
     from clip_core.checkpoints import save_model
 
     torch.manual_seed(0)
     path = folder / "tiny.safetensors"
-    model = create_model("tiny-test")
-    save_model(model, path)
-    cfg_file = REPO / "clip_core" / "model_configs" / "tiny-test.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    cfg = json.loads((REPO / "clip_core" / "model_configs" / "tiny-test.json").read_text())
+    cfg["vision"].update(image_size=resolution, patch_size=resolution // 4)
+    save_model(create_model(CLIPConfig.from_dict(cfg)), path)
     return str(path), cfg
 
 
@@ -536,7 +537,7 @@ def report(results: list[dict], model_cfg: dict, args) -> dict:
     ctx = (model_cfg.get("text") or {}).get("context_length")
     if res:
         exp = 3 * res * res * 4 + (0 if args.no_text or not ctx else ctx * 8)
-        print(f"  reference decode payload per row, float32 pixels (the committed code's __pixels): 3x{res}x{res} "
+        print(f"  reference decode payload per row, float32 pixels (before the uint8 change): 3x{res}x{res} "
               f"= {3 * res * res * 4:,} B (uint8 would be {3 * res * res:,} B)"
               + ("" if args.no_text or not ctx else f" + int64 tokens {ctx} = {ctx * 8:,} B") + f" -> {exp:,} B")
     for r in results:
@@ -600,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"smoke run: sizes {','.join(map(str, QUICK_SIZES))}")
     p.add_argument("--shard-size", type=int, default=10_000, help="output.shard_size (default 10000)")
     p.add_argument("--images", type=int, default=256, help="distinct generated 32x32 PNGs (default 256)")
+    p.add_argument("--resolution", type=int, default=32,
+                   help="the tiny model's input resolution, a multiple of 4 (default 32; 224 as ViT-B/32)")
     p.add_argument("--no-text", action="store_true", help="manifest without a text column")
     p.add_argument("--backend", default="torch", help="model.backend (default torch: no ONNX export)")
     p.add_argument("--precision", default="fp32", help="model.precision (default fp32)")
@@ -633,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
     try:
         t0 = time.perf_counter()
-        checkpoint, model_cfg = build_checkpoint(work)
+        checkpoint, model_cfg = build_checkpoint(work, args.resolution)
         images = build_images(work / "images", args.images)
         print(f"[scale] workload built in {time.perf_counter() - t0:.1f}s under {work}", flush=True)
         results = []
