@@ -1,4 +1,4 @@
-"""Index build and search: ``pipelines.index_build`` against ``autofaiss.build_index``, same vectors.
+"""Index build and search: ``pipelines.index.build`` against ``autofaiss.build_index``, same vectors.
 
 Why this baseline: autofaiss is what people use to "just build a good FAISS index" from CLIP
 embeddings, and its index choice is the one ours imitates. The comparison is at equal recall:
@@ -201,7 +201,7 @@ AUTOFAISS_SCRIPT = textwrap.dedent("""
 
 OURS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time
-    from pipelines.index_build import build_index
+    from pipelines.index.build import build_index
     def rss():
         return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
     results, out_dir, budget, target = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
@@ -254,7 +254,7 @@ def retune(index, index_key: str, queries: np.ndarray, truth: np.ndarray, target
     An oracle for the baseline (tuned on the evaluation queries themselves, which no real build
     can do): it separates what our index build gains from what recall-targeted tuning gains.
     """
-    from pipelines.index_select import search_parameter_grid
+    from pipelines.index.select import search_parameter_grid
 
     for params in (g for g in search_parameter_grid(index_key, index.d) if g):
         faiss.ParameterSpace().set_index_parameters(index, params)

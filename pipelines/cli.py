@@ -29,10 +29,10 @@ JOB_HELP = {
 
 # subcommand -> (module, add-arguments function, run function, help)
 TOOLS: dict[str, tuple[str, str, str, str]] = {
-    "search": ("pipelines.search_cli", "add_search_arguments", "run_search", "search an index built by a job"),
-    "train": ("pipelines.train_job", "add_train_arguments", "run_train", "train or fine-tune a CLIP model"),
+    "search": ("pipelines.index.search_cli", "add_search_arguments", "run_search", "search an index built by a job"),
+    "train": ("pipelines.train.job", "add_train_arguments", "run_train", "train or fine-tune a CLIP model"),
     "export": ("clip_core.export", "add_export_arguments", "run_export", "export a model to ONNX / int8 / TorchScript"),
-    "demo": ("pipelines.demo", "add_demo_arguments", "run_demo", "run the bundled demo end to end"),
+    "demo": ("pipelines.demo.run", "add_demo_arguments", "run_demo", "run the bundled demo end to end"),
 }
 
 
@@ -95,7 +95,7 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run_job(args: argparse.Namespace) -> int:
-    from .config import ConfigError, apply_job, load_config, to_yaml
+    from pipelines.config import ConfigError, apply_job, load_config, to_yaml
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -105,7 +105,7 @@ def _run_job(args: argparse.Namespace) -> int:
         print(to_yaml(apply_job(cfg, args.job)), end="")
         return 0
     try:
-        from .job import JobError, run_job
+        from pipelines.etl.job import JobError, run_job
     except ImportError as e:
         return _error(f"cannot import the pipeline: {e}", 1)
     try:

@@ -232,8 +232,8 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
     def s3_options(self):
-        """The S3 settings as :class:`pipelines.io.S3Options`."""
-        from .io import S3Options
+        """The S3 settings as :class:`pipelines.storage.S3Options`."""
+        from pipelines.storage import S3Options
 
         return S3Options(**dataclasses.asdict(self.s3))
 
@@ -399,7 +399,7 @@ def _nest(key: str, value: Any) -> dict:
 
 def read_yaml(path: str) -> dict:
     """A config file as a mapping (local or s3://); a clear error when missing or malformed."""
-    from . import io as pio
+    from pipelines import storage as pio
 
     try:
         text = pio.read_bytes(path).decode("utf-8")

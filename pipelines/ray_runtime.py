@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from .config import RayConfig
+from pipelines.config import RayConfig
 
 
 @dataclass

@@ -110,7 +110,7 @@ def write_manifest(path: Path, columns: dict, *, row_group_size: int | None = No
 
 def read_results(output: str | Path, s3=None) -> pa.Table:
     """All committed parts of a job's results, in part order."""
-    from pipelines import io as pio
+    from pipelines import storage as pio
 
     results = pio.join(str(output), "results")
     parts = pio.list_files(results, suffix=".parquet", s3=s3)

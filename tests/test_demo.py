@@ -9,7 +9,7 @@ import pytest
 
 from pipeline_fixtures import REPO, run_cli
 from pipelines.config import load_config
-from pipelines.demo import demo_config_dict
+from pipelines.demo.run import demo_config_dict
 
 DEMO_MODEL = REPO / "clip_core" / "assets" / "demo-model.safetensors"
 
@@ -24,7 +24,7 @@ def test_conf_demo_yaml_equals_built_in_config():
 def test_demo_prompt_sets_resolve():
     from clip_core.captions import CaptionSpec
     from clip_core.prompts import resolve_classes, resolve_templates
-    from pipelines.sample_data import class_names
+    from pipelines.demo.sample_data import class_names
 
     assert resolve_classes("demo") == class_names()  # the classes are exactly the generator's truth labels
     assert all("{}" in t for t in resolve_templates("demo"))

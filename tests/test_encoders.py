@@ -297,7 +297,7 @@ def accuracy_case():
     """(model, pixels, prompts, which): the bundled demo model on the product's synthetic images when
     it exists, else a random ViT-ish model on photo-like images (only cosine is meaningful then)."""
     if DEMO.is_file():
-        from pipelines.sample_data import class_names, draw, sample_spec
+        from pipelines.demo.sample_data import class_names, draw, sample_spec
 
         model = load_model("demo")
         rng = np.random.default_rng(123)

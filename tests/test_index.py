@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import index_build
+from pipelines.index import build as index_build
 from pipelines.index import merge_topk, open_index
-from pipelines.index_build import CRASH_ENV, IndexBuildError, build_index, extract_vectors, plan_shards
-from pipelines.index_select import (
+from pipelines.index.build import CRASH_ENV, IndexBuildError, build_index, extract_vectors, plan_shards
+from pipelines.index.select import (
     GIB,
     choose_index,
     index_memory_bytes,
@@ -35,7 +35,7 @@ from pipelines.index_select import (
     search_parameter_grid,
     train_size_for,
 )
-from pipelines.io import S3Options
+from pipelines.storage import S3Options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -330,7 +330,7 @@ def _build_in_subprocess(results, out, crash: str | None = None, **kwargs) -> su
     to exit abruptly at ``crash`` (see CRASH_ENV) when given."""
     import ray
 
-    script = ("import json, sys; from pipelines.index_build import build_index; "
+    script = ("import json, sys; from pipelines.index.build import build_index; "
               "build_index(sys.argv[1], sys.argv[2], progress=True, **json.loads(sys.argv[3]))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     env.pop(CRASH_ENV, None)
@@ -557,7 +557,7 @@ def built(small, tmp_path_factory, ray_cluster):
 
 
 def _search(argv: list[str], capsys) -> tuple[int, str]:
-    from pipelines.search_cli import add_search_arguments, run_search
+    from pipelines.index.search_cli import add_search_arguments, run_search
 
     parser = argparse.ArgumentParser()
     add_search_arguments(parser)

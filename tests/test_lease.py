@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 from pipeline_fixtures import REPO, S3_KEYS, cli_env, s3_client, s3_server, wait_for  # noqa: F401 (fixtures)
-from pipelines import io as pio
-from pipelines.lease import (
+from pipelines import storage as pio
+from pipelines.etl.lease import (
     LeaseHeldError,
     LeaseInfo,
     LeaseLostError,
@@ -219,7 +219,7 @@ def test_racing_takers_have_exactly_one_winner(target, atomic_moto, before):
 
 HOLDER = """
 import sys, time
-from pipelines.lease import OutputLease
+from pipelines.etl.lease import OutputLease
 lease = OutputLease(sys.argv[1], run_id="victim", timeout_s=1, heartbeat_s=0.2)
 with lease:
     print("held", flush=True)

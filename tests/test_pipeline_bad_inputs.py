@@ -151,7 +151,7 @@ def test_bad_inputs_give_exact_statuses(ray_local, bad_manifest, tiny_checkpoint
 # -- the same files through the pure functions (no Ray): quick and precise ------------------
 @pytest.fixture(scope="module")
 def decode_opts(tiny_encoder, bad_manifest):
-    from pipelines.decode import DecodeOptions
+    from pipelines.etl.decode import DecodeOptions
 
     root, _, _ = bad_manifest
     return DecodeOptions(image_column="image", text_column="text", manifest_dirs=[str(root)],
@@ -161,7 +161,7 @@ def decode_opts(tiny_encoder, bad_manifest):
 
 @pytest.mark.parametrize("rid, name, text, status, causes", [c for c in CASES if c[1] not in (None, "MISSING")])
 def test_decode_image_causes(decode_opts, rid, name, text, status, causes):
-    from pipelines.decode import decode_images
+    from pipelines.etl.decode import decode_images
 
     pixels, errors = decode_images([f"files/{name}"], [0], decode_opts)
     image_causes = [c for c in causes if c.startswith("image.")]
@@ -173,7 +173,7 @@ def test_decode_image_causes(decode_opts, rid, name, text, status, causes):
 
 
 def test_decode_bytes_and_uris(decode_opts, bad_manifest):
-    from pipelines.decode import decode_images
+    from pipelines.etl.decode import decode_images
 
     _, _, files = bad_manifest
     pixels, errors = decode_images([files["good.png"].read_bytes(), b"", "http://example.com/x.jpg", ""], [0] * 4,
@@ -187,7 +187,7 @@ def test_decode_bytes_and_uris(decode_opts, bad_manifest):
 def test_tokenize_texts(decode_opts):
     import dataclasses
 
-    from pipelines.decode import tokenize_texts
+    from pipelines.etl.decode import tokenize_texts
 
     tokens, errors = tokenize_texts(["ok", "", None, LONG_TEXT], decode_opts)
     assert tokens[0] is not None and tokens[3] is not None and tokens[2] is None

@@ -15,7 +15,7 @@ import torch
 from pipeline_fixtures import ray_local, s3_server, tiny_checkpoint, tiny_encoder  # noqa: F401 (fixtures)
 from pipeline_fixtures import cosine_rows, embeddings, image_bytes, make_image, s3_client, s3_overrides
 from pipelines import cli
-from pipelines import io as pio
+from pipelines import storage as pio
 
 pytestmark = pytest.mark.e2e
 N = 12
@@ -103,7 +103,7 @@ def test_s3_errors_are_one_line(bucket, tiny_checkpoint, capsys):
 def test_a_live_lease_on_s3_refuses_a_second_run(ray_local, bucket, tiny_checkpoint, capsys):
     """The lease is a conditional PUT on S3: a run into an output another run holds fails at
     once naming the holder; when the holder stops heartbeating, the lease expires and a run goes in."""
-    from pipelines.lease import OutputLease
+    from pipelines.etl.lease import OutputLease
 
     opts = pio.S3Options(endpoint_url=bucket["endpoint"], access_key_id="testing", secret_access_key="testing",
                          region="us-east-1")

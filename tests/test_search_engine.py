@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from clip_core import create_model
-from pipelines.search_engine import IDS_FILE, INDEX_FILE, ImageSearchEngine
+from pipelines.index.search_engine import IDS_FILE, INDEX_FILE, ImageSearchEngine
 from torch_test_encoder import TorchTestEncoder
 
 
@@ -55,7 +55,7 @@ def built(encoder, image_dir):
 def test_build_reports_bad_images_and_indexes_the_rest(encoder, image_dir, caplog, capsys):
     _, paths, corrupt = image_dir
     engine = ImageSearchEngine(encoder)
-    with caplog.at_level(logging.WARNING, logger="pipelines.search_engine"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.index.search_engine"):
         report = engine.build_index(paths[:2] + [corrupt] + paths[2:], batch_size=2, progress=True)
     assert report.added == paths
     assert [p for p, _ in report.failed] == [corrupt]

@@ -26,7 +26,7 @@ from clip_core.train import (
     train,
     trim_tokens,
 )
-from pipelines.sample_data import (
+from pipelines.demo.sample_data import (
     COLORS,
     DEFAULT_HELD_OUT,
     SHAPES,
@@ -34,8 +34,8 @@ from pipelines.sample_data import (
     class_name,
     generate_sample_set,
 )
-from pipelines.sample_data import main as sample_main
-from pipelines.train_job import add_train_arguments, run_train
+from pipelines.demo.sample_data import main as sample_main
+from pipelines.train.job import add_train_arguments, run_train
 
 ASSETS = Path(__file__).resolve().parents[1] / "clip_core" / "assets"
 DEMO_MODEL = ASSETS / "demo-model.safetensors"
@@ -190,7 +190,7 @@ def test_pairs_dataset_items(sample64):
 
 
 def test_synthetic_pairs_are_reproducible_fresh_and_never_held_out():
-    from pipelines.synthetic_pairs import SyntheticPairs
+    from pipelines.train.synthetic_pairs import SyntheticPairs
 
     ds = SyntheticPairs(400, image_transform(32), seed=5, context_length=32)
     again = SyntheticPairs(400, image_transform(32), seed=5, context_length=32)
@@ -212,7 +212,7 @@ def test_synthetic_pairs_are_reproducible_fresh_and_never_held_out():
 
 
 def test_synthetic_groups_share_color_and_background_but_not_shape():
-    from pipelines.synthetic_pairs import SyntheticPairs
+    from pipelines.train.synthetic_pairs import SyntheticPairs
 
     ds = SyntheticPairs(64, image_transform(32), seed=1, context_length=32, group_size=8)
     groups = [[ds.example(i) for i in range(g, g + 8)] for g in range(0, 64, 8)]

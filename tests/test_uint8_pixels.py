@@ -11,9 +11,9 @@ import torch
 from clip_core.preprocess import image_transform, resize_crop
 from pipeline_fixtures import tiny_checkpoint, tiny_encoder  # noqa: F401 (fixtures)
 from pipeline_fixtures import image_bytes, make_image
-from pipelines.decode import IMAGE_ERROR_COL, PIXELS_COL, DecodeOptions, decode_batch
-from pipelines.embed import StageSpec, _stack, embed_batch
-from pipelines.reader import FILE_COL
+from pipelines.etl.decode import IMAGE_ERROR_COL, PIXELS_COL, DecodeOptions, decode_batch
+from pipelines.etl.embed import StageSpec, _stack, embed_batch
+from pipelines.etl.read import FILE_COL
 
 # different sizes, aspect ratios and modes, including ones the transform converts (RGBA, L, P, LA)
 IMAGES = [((48, 40), "RGB"), ((20, 90), "RGBA"), ((33, 33), "L"), ((100, 31), "P"), ((7, 5), "LA"),

@@ -18,11 +18,11 @@ import pytest
 from pipeline_fixtures import ray_local, tiny_checkpoint  # noqa: F401 (fixtures)
 from pipeline_fixtures import write_images, write_manifest
 from pipelines import cli
-from pipelines import io as pio
-from pipelines.commit import ModelMismatchError, ShardCommitter, encoder_identity
-from pipelines.embed import ACTOR_INFO_COL
-from pipelines.reader import ROW_COL, SHARD_COL, Shard
-from pipelines.writer import (
+from pipelines import storage as pio
+from pipelines.etl.commit import ModelMismatchError, ShardCommitter, encoder_identity
+from pipelines.etl.embed import ACTOR_INFO_COL
+from pipelines.etl.read import ROW_COL, SHARD_COL, Shard
+from pipelines.etl.write import (
     FOOTER_KEY,
     PieceWriter,
     assemble_part,
@@ -152,7 +152,7 @@ def test_rerun_counts_from_footers_without_reading_rows(finished_output, monkeyp
     def refuse(*args, **kwargs):
         raise AssertionError("the driver read result rows")
 
-    for name in ("read_parquet", "read_parquet_rows", "iter_parquet_batches"):
+    for name in ("read_parquet", "read_parquet_rows"):
         monkeypatch.setattr(pio, name, refuse)
     assert cli.main(finished_output["args"]) == 0
     record = json.loads((finished_output["out"] / "_run.json").read_text())

@@ -15,7 +15,7 @@ import posixpath
 import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -178,17 +178,6 @@ def unique_suffix() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def iter_parquet_batches(
-    paths: Iterable[str], columns: list[str] | None = None, batch_size: int = 65536, s3: S3Options | None = None
-) -> Iterable[pa.RecordBatch]:
-    """Stream record batches from Parquet files without loading whole files."""
-    for path in paths:
-        fs = filesystem_for(path, s3)
-        with fs.open_input_file(strip_scheme(path)) as f:
-            pf = pq.ParquetFile(f)
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
-
-
 def dirname(path: str) -> str:
     """The folder of a file path, keeping an ``s3://`` scheme (``s3://b/k/m.parquet`` -> ``s3://b/k``)."""
     if is_s3(path):
@@ -303,7 +292,6 @@ __all__ = [
     "filesystem_for",
     "fsspec_filesystem",
     "is_s3",
-    "iter_parquet_batches",
     "join",
     "is_absolute_uri",
     "list_files",

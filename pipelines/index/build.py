@@ -6,7 +6,7 @@ seconds, search parameters). The steps, in order (``build_index`` calls them one
 each task's output is a file, so a re-run resumes where a killed build stopped):
 
 1. **Plan** (driver: :func:`plan_build`, :func:`start_or_resume`) from Parquet footers only:
-   files, row counts, row groups, the dimension, the index (:mod:`pipelines.index_select`) and
+   files, row counts, row groups, the dimension, the index (:mod:`pipelines.index.select`) and
    the shard ranges, saved as ``_build/plan.json``. A re-run with the same plan resumes; a
    different one starts over.
 2. **Sample** and 3. **train** (:func:`sample_and_train`: one :func:`train_task`, which holds the
@@ -59,10 +59,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipelines import io
+from pipelines import storage as pio
 from pipelines.config import RayConfig
-from pipelines.index import INDEX_JSON, ShardedIndex, load_shards, merge_topk, read_ids
-from pipelines.index_select import (
+from pipelines.index.open import INDEX_JSON, ShardedIndex, load_shards, merge_topk, read_ids
+from pipelines.index.select import (
     GIB,
     choose_index,
     index_memory_bytes,
@@ -70,7 +70,7 @@ from pipelines.index_select import (
     search_parameter_grid,
     train_size_for,
 )
-from pipelines.io import S3Options
+from pipelines.storage import S3Options
 from pipelines.ray_runtime import ray_session
 
 # Version 2: the tuning queries are a shard of their own (version 1 appended them to the last
@@ -135,14 +135,14 @@ class InputFile:
 
 
 def _open_parquet(path: str, s3: S3Options | None):
-    fs = io.filesystem_for(path, s3)
-    return fs.open_input_file(io.strip_scheme(path))
+    fs = pio.filesystem_for(path, s3)
+    return fs.open_input_file(pio.strip_scheme(path))
 
 
 def scan_input(input_path: str, s3: S3Options | None) -> tuple[list[InputFile], pa.Schema]:
     """List the input Parquet files and read their footers (no data pages)."""
     try:
-        paths = io.list_files(input_path, ".parquet", s3)
+        paths = pio.list_files(input_path, ".parquet", s3)
     except FileNotFoundError:
         raise IndexBuildError(f"no embeddings to index: {input_path} does not exist") from None
     if not paths:
@@ -346,7 +346,7 @@ class Build:
 
     def state(self, name: str) -> str:
         """Path of a build-state file under ``_build/``."""
-        return io.join(self.out_dir, BUILD_DIR, name)
+        return pio.join(self.out_dir, BUILD_DIR, name)
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -410,22 +410,22 @@ def start_or_resume(build: Build) -> dict | None:
     """Keep an interrupted build of the same plan, clear a different one; the ``index.json`` of
     the same build when it is already complete (None: there is work to do)."""
     s3, plan = build.s3, build.to_plan()
-    plan_path, index_json = build.state(PLAN_FILE), io.join(build.out_dir, INDEX_JSON)
-    old_plan = io.read_json(plan_path, s3) if io.exists(plan_path, s3) else None
+    plan_path, index_json = build.state(PLAN_FILE), pio.join(build.out_dir, INDEX_JSON)
+    old_plan = pio.read_json(plan_path, s3) if pio.exists(plan_path, s3) else None
     if old_plan is not None:
         differs = _plan_difference(old_plan, plan)
         if differs:
             build.say(f"{build.out_dir} holds a build with a different {differs}: starting over")
             _remove_tree(build.out_dir, s3)
             old_plan = None
-        elif io.exists(index_json, s3):
+        elif pio.exists(index_json, s3):
             build.say(f"{build.out_dir} is already built and up to date")
-            return io.read_json(index_json, s3)
-    elif io.exists(index_json, s3):
+            return pio.read_json(index_json, s3)
+    elif pio.exists(index_json, s3):
         build.say(f"{build.out_dir} holds an index without build state: rebuilding it")
         _remove_tree(build.out_dir, s3)
     if old_plan is None:
-        io.write_json_atomic(plan_path, plan, s3)
+        pio.write_json_atomic(plan_path, plan, s3)
     _clean_temp(build.out_dir)
     sel = build.selection
     build.say(f"{build.total_rows} rows in {len(build.files)} file(s), dim {build.dim}: {build.factory} "
@@ -444,8 +444,8 @@ def _plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 def _remove_tree(out_dir: str, s3: S3Options | None) -> None:
     """Delete a previous (different) build's files: shards, merged index, build state, index.json."""
-    fs = io.fsspec_filesystem(out_dir, s3)
-    root = io.strip_scheme(out_dir)
+    fs = pio.fsspec_filesystem(out_dir, s3)
+    root = pio.strip_scheme(out_dir)
     if not fs.exists(root):
         return
     for p in fs.find(root):
@@ -456,7 +456,7 @@ def _remove_tree(out_dir: str, s3: S3Options | None) -> None:
 
 def _clean_temp(out_dir: str) -> None:
     """Remove temporary files a killed build left behind (local outputs; S3 PUTs are atomic)."""
-    if io.is_s3(out_dir):
+    if pio.is_s3(out_dir):
         return
     for root in (out_dir, os.path.join(out_dir, BUILD_DIR)):
         if os.path.isdir(root):
@@ -659,17 +659,17 @@ def publish_index(index: faiss.Index, dest: str, s3: S3Options | None) -> int:
     Streams through a temporary file rather than serializing into memory, so a shard costs its
     own size once, not twice.
     """
-    if io.is_s3(dest):
+    if pio.is_s3(dest):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".faiss")
         os.close(fd)
         try:
             faiss.write_index(index, tmp)
             size = os.path.getsize(tmp)
-            io.fsspec_filesystem(dest, s3).put_file(tmp, io.strip_scheme(dest))
+            pio.fsspec_filesystem(dest, s3).put_file(tmp, pio.strip_scheme(dest))
         finally:
             os.unlink(tmp)
         return size
-    dest = io.strip_scheme(dest)
+    dest = pio.strip_scheme(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(dest))
     os.close(fd)
@@ -690,47 +690,47 @@ def _write_npz(path: str, s3: S3Options | None, **arrays: np.ndarray) -> None:
 
     buf = _io.BytesIO()
     np.savez(buf, **arrays)
-    io.write_bytes_atomic(path, buf.getvalue(), s3)
+    pio.write_bytes_atomic(path, buf.getvalue(), s3)
 
 
 def _read_npz(path: str, s3: S3Options | None) -> dict[str, np.ndarray]:
     import io as _io
 
-    with np.load(_io.BytesIO(io.read_bytes(path, s3))) as z:
+    with np.load(_io.BytesIO(pio.read_bytes(path, s3))) as z:
         return {k: z[k] for k in z.files}
 
 
 def _write_ids(ids: pa.Array, path: str, s3: S3Options | None) -> None:
-    io.write_parquet_atomic(pa.table({"id": ids}), path, s3)
+    pio.write_parquet_atomic(pa.table({"id": ids}), path, s3)
 
 
 @contextmanager
 def _local_view(out_dir: str, names: list[str], s3: S3Options | None) -> Iterator[str]:
     """A local directory holding ``names`` from ``out_dir`` (itself when local; a temp copy for S3),
     because FAISS memory-maps only local files."""
-    if not io.is_s3(out_dir):
-        yield io.strip_scheme(out_dir)
+    if not pio.is_s3(out_dir):
+        yield pio.strip_scheme(out_dir)
         return
     with tempfile.TemporaryDirectory(prefix="clip-etl-index-") as tmp:
-        fs = io.fsspec_filesystem(out_dir, s3)
+        fs = pio.fsspec_filesystem(out_dir, s3)
         for name in names:
-            fs.get_file(io.strip_scheme(io.join(out_dir, name)), os.path.join(tmp, name))
+            fs.get_file(pio.strip_scheme(pio.join(out_dir, name)), os.path.join(tmp, name))
         yield tmp
 
 
 def shard_files(out_dir: str, name: str) -> dict[str, str]:
     """A shard's files: the index and ids next to ``index.json``, its build state under ``_build/``."""
     return {
-        "faiss": io.join(out_dir, f"{name}.faiss"),
-        "ids": io.join(out_dir, f"{name}.ids.parquet"),
-        "truth": io.join(out_dir, BUILD_DIR, f"{name}.truth.npz"),
-        "meta": io.join(out_dir, BUILD_DIR, f"{name}.json"),
+        "faiss": pio.join(out_dir, f"{name}.faiss"),
+        "ids": pio.join(out_dir, f"{name}.ids.parquet"),
+        "truth": pio.join(out_dir, BUILD_DIR, f"{name}.truth.npz"),
+        "meta": pio.join(out_dir, BUILD_DIR, f"{name}.json"),
     }
 
 
 def _shard_done(build: Build, number: int) -> bool:
     """All of a data shard's files are there (a killed task leaves some, or none)."""
-    return all(io.exists(p, build.s3) for p in shard_files(build.out_dir, shard_name(number)).values())
+    return all(pio.exists(p, build.s3) for p in shard_files(build.out_dir, shard_name(number)).values())
 
 
 def _write_shard(build: Build, name: str, index: faiss.Index, ids: pa.Array, counts: dict[str, int],
@@ -742,7 +742,7 @@ def _write_shard(build: Build, name: str, index: faiss.Index, ids: pa.Array, cou
     if truth is not None:
         _write_npz(files["truth"], build.s3, scores=truth.scores, positions=truth.positions)
     meta = {"count": int(index.ntotal), "bytes": publish_index(index, files["faiss"], build.s3), "counts": counts}
-    io.write_json_atomic(files["meta"], meta, build.s3)
+    pio.write_json_atomic(files["meta"], meta, build.s3)
     return meta
 
 
@@ -751,7 +751,7 @@ def _shard_entries(build: Build) -> tuple[list[dict[str, Any]], dict[str, int]]:
     names = [shard_name(i) for i in range(len(build.ranges))] + [QUERY_SHARD]
     entries, counts = [], dict.fromkeys(COUNT_KEYS, 0)
     for i, name in enumerate(names):
-        meta = io.read_json(shard_files(build.out_dir, name)["meta"], build.s3)
+        meta = pio.read_json(shard_files(build.out_dir, name)["meta"], build.s3)
         for key in COUNT_KEYS:
             counts[key] += meta["counts"][key]
         entry = {"file": f"{name}.faiss", "ids": f"{name}.ids.parquet", "count": meta["count"], "bytes": meta["bytes"]}
@@ -769,7 +769,7 @@ def _write_queries(build: Build, held: Sample) -> None:
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(held.vectors.reshape(-1)), build.dim)
     table = pa.table({"id": pa.array(held.ids.tolist(), pa.string()), "row": pa.array(held.rows, pa.int64()),
                       "embedding": vectors})
-    io.write_parquet_atomic(table, build.state(QUERIES_FILE), build.s3)
+    pio.write_parquet_atomic(table, build.state(QUERIES_FILE), build.s3)
 
 
 def _read_queries(build: Build) -> Sample:
@@ -783,7 +783,7 @@ def _read_queries(build: Build) -> Sample:
 def _empty_index(build: Build) -> faiss.Index:
     """A fresh copy of the trained empty index (or a new one where there is nothing to train)."""
     if build.needs_training:
-        return _deserialize(io.read_bytes(build.state(TRAINED_FILE), build.s3))
+        return _deserialize(pio.read_bytes(build.state(TRAINED_FILE), build.s3))
     return new_index(build.factory, build.dim)
 
 
@@ -827,7 +827,7 @@ def train_task(build: Build, threads: int) -> dict[str, Any]:
     train = sample.part(slice(nq, None)) if len(sample) > nq else sample
     t1 = time.perf_counter()
     with _Threads(threads):
-        if build.needs_training and not io.exists(build.state(TRAINED_FILE), build.s3):
+        if build.needs_training and not pio.exists(build.state(TRAINED_FILE), build.s3):
             _train_and_save(build, train.vectors)
         index = _empty_index(build)
         index.add(held.vectors)
@@ -846,7 +846,7 @@ def _train_and_save(build: Build, vectors: np.ndarray) -> None:
     except RuntimeError as e:
         raise IndexBuildError(f"training {build.factory} on {len(vectors)} vectors failed: "
                               f"{str(e).splitlines()[0] if str(e) else e}") from None
-    io.write_bytes_atomic(build.state(TRAINED_FILE), _serialize(index), build.s3)
+    pio.write_bytes_atomic(build.state(TRAINED_FILE), _serialize(index), build.s3)
 
 
 def shard_task(build: Build, number: int, threads: int) -> dict[str, Any]:
@@ -907,7 +907,7 @@ def tune_task(build: Build, entries: list[dict[str, Any]], threads: int) -> dict
         del index
     tuned["recall"] = {str(k): round(recall_at(found, truth, k), 5) for k in (1, 10, 100)}
     tuned["queries"] = len(queries)
-    io.write_json_atomic(build.state(TUNING_FILE), tuned, build.s3)
+    pio.write_json_atomic(build.state(TUNING_FILE), tuned, build.s3)
     return tuned
 
 
@@ -943,10 +943,10 @@ def _merge(build: Build, root: str, entries: list[dict[str, Any]]) -> dict[str, 
     publish_index(merged, os.path.join(root, "merged.faiss"), None)
     ids = pa.concat_arrays([read_ids(os.path.join(root, e["ids"])) for e in entries])
     _write_ids(ids, os.path.join(root, "merged.ids.parquet"), None)
-    if io.is_s3(build.out_dir):
-        fs = io.fsspec_filesystem(build.out_dir, build.s3)
+    if pio.is_s3(build.out_dir):
+        fs = pio.fsspec_filesystem(build.out_dir, build.s3)
         for name in ("merged.ids.parquet", "merged.faiss"):
-            fs.put_file(os.path.join(root, name), io.strip_scheme(io.join(build.out_dir, name)))
+            fs.put_file(os.path.join(root, name), pio.strip_scheme(pio.join(build.out_dir, name)))
     return {"file": "merged.faiss", "ids": "merged.ids.parquet", "count": int(merged.ntotal)}
 
 
@@ -1118,8 +1118,8 @@ def _run_task(fn: Callable[..., Any], *args: Any, what: str, cpus: int = 1) -> A
 
 def sample_and_train(build: Build, cluster: _Cluster, timings: dict[str, float]) -> None:
     """Steps 2-3 in one task, unless an earlier run of the same plan did them."""
-    trained = not build.needs_training or io.exists(build.state(TRAINED_FILE), build.s3)
-    if trained and io.exists(build.state(QUERIES_FILE), build.s3):
+    trained = not build.needs_training or pio.exists(build.state(TRAINED_FILE), build.s3)
+    if trained and pio.exists(build.state(QUERIES_FILE), build.s3):
         build.say("reusing the saved training state")
         return
     threads = cluster.split(1)[1]
@@ -1161,8 +1161,8 @@ def _wait_for_shards(refs: list[ray.ObjectRef], say: Callable[[str], None]) -> N
 def tune_search(build: Build, entries: list[dict[str, Any]], cluster: _Cluster) -> dict[str, Any]:
     """Step 5 in one task, unless an earlier run of the same plan saved its result."""
     path = build.state(TUNING_FILE)
-    if io.exists(path, build.s3):
-        tuned = io.read_json(path, build.s3)
+    if pio.exists(path, build.s3):
+        tuned = pio.read_json(path, build.s3)
         build.say(f"reusing the tuned search parameters ({tuned['params'] or 'none'})")
         return tuned
     threads = cluster.split(1)[1]
@@ -1192,7 +1192,7 @@ def _model_from_run(input_path: str, s3: S3Options | None) -> dict[str, Any] | N
     if not parent:
         return None
     try:
-        run = io.read_json(io.join(parent, "_run.json"), s3)
+        run = pio.read_json(pio.join(parent, "_run.json"), s3)
     except (OSError, ValueError):
         return None
     model = run.get("model") if isinstance(run, dict) else None
@@ -1227,7 +1227,7 @@ def write_index_json(build: Build, entries: list[dict[str, Any]], counts: dict[s
     }
     if finished["merge_skipped"]:
         meta["merge_skipped"] = finished["merge_skipped"]
-    io.write_json_atomic(io.join(build.out_dir, INDEX_JSON), meta, build.s3)
+    pio.write_json_atomic(pio.join(build.out_dir, INDEX_JSON), meta, build.s3)
     build.say(f"search params {tuned['params'] or '(none)'}: recall@10 {recall['10']:.4f}, {speed['qps']:.0f} "
               f"queries/s, latency {speed['latency_ms_mean']:.2f} ms (p99 {speed['latency_ms_p99']:.2f})")
     build.say(f"index complete: {total} vectors, {len(entries)} shard(s) in {seconds:.1f}s -> {build.out_dir}")

@@ -43,7 +43,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from pipelines import io as pio
+from pipelines import storage as pio
 
 log = logging.getLogger(__name__)
 

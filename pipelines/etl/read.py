@@ -7,7 +7,7 @@ in its file. The driver reads only Parquet footers to cut every manifest file in
 ``OUTPUT/_plan.json`` and each shard becomes one ``results/part-XXXXX.parquet``. Ray Data then
 reads exactly the shards that are not committed yet, one read task per shard, through a small
 :class:`ManifestDatasource` that reads the row groups overlapping a shard with pyarrow (local
-files or S3 through the retrying filesystem of :mod:`pipelines.io`).
+files or S3 through the retrying filesystem of :mod:`pipelines.storage`).
 
 Every row leaves this stage tagged with its shard (``__shard``), its manifest file (``__file``)
 and its row number in that file (``__row``); those columns travel through the later stages so
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import Datasource
 
-from . import io as pio
+from pipelines import storage as pio
 
 SHARD_COL = "__shard"
 FILE_COL = "__file"

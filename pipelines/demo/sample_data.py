@@ -8,7 +8,7 @@ Splits test what a CLIP model actually learned: ``test_unseen`` holds shape-colo
 never occur in ``train`` (every shape and every color still does), so zero-shot accuracy there
 measures composition of words, not memorised classes.
 
-Run ``python -m pipelines.sample_data --out DIR --n 400`` to write ``DIR/manifest.parquet`` and
+Run ``python -m pipelines.demo.sample_data --out DIR --n 400`` to write ``DIR/manifest.parquet`` and
 ``DIR/images/``.
 """
 
@@ -414,7 +414,7 @@ def _parse_pairs(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.sample_data", description="Generate captioned shape images.")
+    p = argparse.ArgumentParser(prog="python -m pipelines.demo.sample_data", description="Generate captioned shape images.")
     p.add_argument("--out", required=True, help="output folder (manifest.parquet + images/)")
     p.add_argument("--n", type=int, default=400, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="generator seed")

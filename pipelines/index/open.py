@@ -1,4 +1,4 @@
-"""Search a sharded FAISS index built by :mod:`pipelines.index_build`.
+"""Search a sharded FAISS index built by :mod:`pipelines.index.build`.
 
 An index directory holds ``index.json`` and one ``shard-NNNNN.faiss`` + ``shard-NNNNN.ids.parquet``
 pair per shard (optionally a ``merged.faiss`` pair too). :func:`open_index` loads the shards,
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import io
-from pipelines.io import S3Options
+from pipelines import storage as pio
+from pipelines.storage import S3Options
 
 INDEX_JSON = "index.json"
 # Shards at least this large are searched in parallel threads for small query batches; below it,
@@ -65,7 +65,7 @@ def _localize(path: str, meta_bytes: bytes, files: list[str], s3: S3Options | No
     key = hashlib.sha256(path.encode() + b"\0" + meta_bytes).hexdigest()[:20]
     local = os.path.join(_cache_root(), key)
     os.makedirs(local, exist_ok=True)
-    fs = io.fsspec_filesystem(path, s3)
+    fs = pio.fsspec_filesystem(path, s3)
     for name in files:
         dest = os.path.join(local, name)
         if os.path.exists(dest):
@@ -73,7 +73,7 @@ def _localize(path: str, meta_bytes: bytes, files: list[str], s3: S3Options | No
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=local)
         os.close(fd)
         try:
-            fs.get_file(io.strip_scheme(io.join(path, name)), tmp)
+            fs.get_file(pio.strip_scheme(pio.join(path, name)), tmp)
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
@@ -100,8 +100,8 @@ def read_faiss(path: str, mmap: bool = True) -> faiss.Index:
 
 def read_ids(path: str, s3: S3Options | None = None) -> pa.Array:
     """The ``id`` column of a shard's id file as one contiguous string array."""
-    fs = io.filesystem_for(path, s3)
-    with fs.open_input_file(io.strip_scheme(path)) as f:
+    fs = pio.filesystem_for(path, s3)
+    with fs.open_input_file(pio.strip_scheme(path)) as f:
         table = pq.read_table(f, columns=["id"])
     # 64-bit offsets: a merged index over ~100M ids holds more than 2 GiB of id text
     return table.column("id").cast(pa.large_string()).combine_chunks()
@@ -295,10 +295,10 @@ def _read_source_vector(source: dict[str, Any], id_: str, s3: S3Options | None) 
     """Scan the source Parquet for ``id_`` and return its embedding (None when absent)."""
     id_col = source.get("id_column", "id")
     emb_col = source.get("embedding_column", "image_embedding")
-    files = source.get("files") or io.list_files(source["path"], ".parquet", s3)
+    files = source.get("files") or pio.list_files(source["path"], ".parquet", s3)
     for path in files:
-        fs = io.filesystem_for(path, s3)
-        with fs.open_input_file(io.strip_scheme(path)) as f:
+        fs = pio.filesystem_for(path, s3)
+        with fs.open_input_file(pio.strip_scheme(path)) as f:
             pf = pq.ParquetFile(f)
             for batch in pf.iter_batches(columns=[id_col, emb_col], batch_size=65536):
                 ids = pc.cast(batch.column(0), pa.string())
@@ -339,12 +339,12 @@ def open_index(path: str, *, mmap: bool = True, s3: S3Options | None = None, pre
     because FAISS memory-maps only local files.
     """
     path = str(path).rstrip("/")
-    meta_path = io.join(path, INDEX_JSON)
-    if not io.exists(meta_path, s3) and io.exists(io.join(path, "index", INDEX_JSON), s3):
-        path = io.join(path, "index")
-        meta_path = io.join(path, INDEX_JSON)
+    meta_path = pio.join(path, INDEX_JSON)
+    if not pio.exists(meta_path, s3) and pio.exists(pio.join(path, "index", INDEX_JSON), s3):
+        path = pio.join(path, "index")
+        meta_path = pio.join(path, INDEX_JSON)
     try:
-        meta_bytes = io.read_bytes(meta_path, s3)
+        meta_bytes = pio.read_bytes(meta_path, s3)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no finished index at {path}: {INDEX_JSON} is missing (build it with `clip-etl index`; "
@@ -353,12 +353,12 @@ def open_index(path: str, *, mmap: bool = True, s3: S3Options | None = None, pre
     import json
 
     meta = json.loads(meta_bytes)
-    if io.is_s3(path):
+    if pio.is_s3(path):
         entries = ([meta["merged"]] if (prefer_merged and meta.get("merged")) else []) or meta["shards"]
         files = [name for e in entries for name in (e["file"], e["ids"])]
         root = _localize(path, meta_bytes, files, s3)
     else:
-        root = io.strip_scheme(path)
+        root = pio.strip_scheme(path)
     return load_shards(root, meta, mmap=mmap, s3=s3, prefer_merged=prefer_merged)
 
 

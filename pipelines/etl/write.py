@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import io as pio
-from .embed import ACTOR_INFO_COL
-from .label import CAPTION_FIELDS, LABEL_FIELDS
-from .reader import ROW_COL, SHARD_COL, Manifest, Shard
+from pipelines import storage as pio
+from pipelines.etl.embed import ACTOR_INFO_COL
+from pipelines.etl.label import CAPTION_FIELDS, LABEL_FIELDS
+from pipelines.etl.read import ROW_COL, SHARD_COL, Manifest, Shard
 
 PIECES_DIR = "_pieces"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -254,7 +254,7 @@ def clean_stale_temp_files(results_dir: str, live_run_id: str) -> int:
     import glob
     import os
 
-    from .lease import stale_temp_files
+    from pipelines.etl.lease import stale_temp_files
 
     if pio.is_s3(results_dir):
         return 0

@@ -58,7 +58,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_demo_config(config_path: str | None, manifest: str, output: str, extra: list[str]):
-    from .config import load_config
+    from pipelines.config import load_config
 
     if config_path is None and Path("conf/demo.yaml").is_file():
         config_path = "conf/demo.yaml"
@@ -87,7 +87,7 @@ def run_searches(index_dir: Path, data_dir: Path, frame) -> dict[str, Any]:
     from clip_core.encoders import load_encoder
     from clip_core.preprocess import load_image
 
-    from .index import open_index
+    from pipelines.index import open_index
 
     index = open_index(str(index_dir))
     encoder = load_encoder(index.meta.get("model", {}).get("name") or "demo")
@@ -179,8 +179,8 @@ def write_contact_sheet(out: Path, data_dir: Path, frame, searches: dict[str, An
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .job import run_job
-    from .sample_data import generate_sample_set
+    from pipelines.etl.job import run_job
+    from pipelines.demo.sample_data import generate_sample_set
 
     out = Path(args.out).resolve()
     data_dir, run_dir = out / "data", out / "run"

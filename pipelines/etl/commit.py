@@ -1,7 +1,7 @@
 """Stage 5 (on the driver): commit shards from piece metadata, never from rows.
 
 The driver reads the stream of piece metadata that the write tasks return (one small row per
-piece file, see :mod:`pipelines.writer`), tracks which row ranges of each pending shard are
+piece file, see :mod:`pipelines.etl.write`), tracks which row ranges of each pending shard are
 covered, and when a shard is covered starts its compaction as a Ray task. It holds only
 ``O(shards + pieces)`` small records: no result row, pixel or embedding passes through it.
 
@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from . import io as pio
-from .reader import Shard
-from .writer import compact_shard, part_name
+from pipelines import storage as pio
+from pipelines.etl.read import Shard
+from pipelines.etl.write import compact_shard, part_name
 
 
 class ModelMismatchError(RuntimeError):

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import io as pio
+from pipelines import storage as pio
 
 DTYPES = ("float32", "float16")
 
@@ -49,7 +49,7 @@ class TrainData:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``clip-etl train`` options to ``parser`` (also used by ``python -m pipelines.train_job``)."""
+    """Add the ``clip-etl train`` options to ``parser`` (also used by ``python -m pipelines.train.job``)."""
     p = parser
     p.add_argument("manifest", help="Parquet manifest of (image, text) pairs, local or s3://")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors, native format)")
@@ -72,7 +72,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     p.add_argument("--no-augment", action="store_true", help="disable the light random-crop augmentation")
     p.add_argument("--synthetic-pairs", type=int, default=0, metavar="N",
-                   help="train on N freshly generated demo pairs (pipelines.synthetic_pairs, seen shape-color "
+                   help="train on N freshly generated demo pairs (pipelines.train.synthetic_pairs, seen shape-color "
                         "pairs only) instead of the manifest's rows; the manifest still gives the evaluation rows")
     p.add_argument("--synthetic-group", type=int, default=8, metavar="G",
                    help="with --synthetic-pairs: groups of G consecutive pairs share a color and background "
@@ -225,7 +225,7 @@ def make_dataset(model, data: TrainData, augment: bool, synthetic_pairs: int = 0
 
     transform = image_transform(model.image_size)
     if synthetic_pairs:
-        from .synthetic_pairs import SyntheticPairs
+        from pipelines.train.synthetic_pairs import SyntheticPairs
 
         return SyntheticPairs(synthetic_pairs, transform, seed=seed, context_length=model.context_length,
                               group_size=synthetic_group)

@@ -4,14 +4,14 @@ This is the only place the stages are wired together, in the order the data meet
 job-level failure happens before compute is spent and says what is wrong in one line:
 
 1. config values (:mod:`pipelines.config`), then the manifest's files and columns, from footers;
-2. the output lease (:mod:`pipelines.lease`): a second live run into the same output is refused;
-3. Ray; the model resolved once for the actors (:mod:`pipelines.model`) and loaded on the driver
+2. the output lease (:mod:`pipelines.etl.lease`): a second live run into the same output is refused;
+3. Ray; the model resolved once for the actors (:mod:`pipelines.etl.model`) and loaded on the driver
    to prove it loads; ids checked for nulls and duplicates in Ray tasks;
 4. the shard plan, compared with ``OUTPUT/_plan.json`` of an earlier run into the same output:
    different input, settings or resolved model refuse to mix results;
 5. read (pending shards) -> decode (CPU tasks) -> embed/label/caption (actor pool) -> write
-   pieces (CPU tasks, :mod:`pipelines.writer`); the driver sees one metadata row per piece and
-   commits each covered shard with a compaction task (:mod:`pipelines.commit`);
+   pieces (CPU tasks, :mod:`pipelines.etl.write`); the driver sees one metadata row per piece and
+   commits each covered shard with a compaction task (:mod:`pipelines.etl.commit`);
 6. counts from the commits and the part footers, the index (when on), ``OUTPUT/_run.json``
    and, last, ``OUTPUT/_SUCCESS``.
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from . import io as pio
-from .config import ConfigError, PipelineConfig, apply_job
+from pipelines import storage as pio
+from pipelines.config import ConfigError, PipelineConfig, apply_job
 
 RESULTS_DIR = "results"
 INDEX_DIR = "index"
@@ -86,7 +86,7 @@ def resolve_label_spec(cfg: PipelineConfig, s3: pio.S3Options):
     """Class names and templates, resolved on the driver and shipped to the actors as lists."""
     from clip_core.prompts import resolve_classes, resolve_templates
 
-    from .label import LabelSpec
+    from pipelines.etl.label import LabelSpec
 
     demo = cfg.model.checkpoint == "demo"
     class_spec = cfg.label.classes
@@ -127,7 +127,7 @@ def resolve_caption_vocabulary(cfg: PipelineConfig, s3: pio.S3Options) -> dict:
 
 def load_driver_encoder(cfg: PipelineConfig, s3: pio.S3Options, backend: str, precision: str):
     """Load the model once on the driver (CPU): fail fast, and learn what the stages need."""
-    from .embed import ModelSpec, load_job_encoder
+    from pipelines.etl.embed import ModelSpec, load_job_encoder
 
     spec = ModelSpec(cfg.model.checkpoint, backend, precision, device="cpu", s3=s3)
     try:
@@ -211,7 +211,7 @@ class _Run:
     @property
     def tmp_prefix(self) -> str:
         """Temp files carry the run id: cleanup can tell a dead run's from a live one's."""
-        from .lease import temp_prefix
+        from pipelines.etl.lease import temp_prefix
 
         return temp_prefix(self.run_id)
 
@@ -238,9 +238,9 @@ class _Stages:
 
 def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> dict[str, Any]:
     """The steps in the order the data meets them; every job-level check comes before compute."""
-    from .lease import LeaseHeldError, OutputLease
-    from .ray_runtime import actor_gpus, ray_session
-    from .writer import committed_parts
+    from pipelines.etl.lease import LeaseHeldError, OutputLease
+    from pipelines.ray_runtime import actor_gpus, ray_session
+    from pipelines.etl.write import committed_parts
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
@@ -297,7 +297,7 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
 
 def _read_manifest(run: _Run):
     """Step 1: the manifest's files and columns (footers only) and the shard plan."""
-    from .reader import ManifestError, build_manifest, plan_shards
+    from pipelines.etl.read import ManifestError, build_manifest, plan_shards
 
     cfg = run.cfg
     try:
@@ -311,8 +311,8 @@ def _read_manifest(run: _Run):
 
 
 def _resolve_model(run: _Run, gpus: float):
-    """Step 2: the one model of this run, resolved for the actors (see :mod:`pipelines.model`)."""
-    from .model import resolve_model
+    """Step 2: the one model of this run, resolved for the actors (see :mod:`pipelines.etl.model`)."""
+    from pipelines.etl.model import resolve_model
 
     try:
         return resolve_model(run.cfg, gpus, run.s3,
@@ -325,7 +325,7 @@ def _resolve_model(run: _Run, gpus: float):
 
 
 def _check_ids(run: _Run, manifest, shards) -> None:
-    from .reader import ManifestError, check_ids
+    from pipelines.etl.read import ManifestError, check_ids
 
     if run.cfg.input.check_unique_ids:
         try:
@@ -348,7 +348,7 @@ def _stage_specs(run: _Run, manifest) -> _Stages:
 
 def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
     """Step 4: this run's plan against the one an earlier run left in the output."""
-    from .reader import diff_plans, plan_to_dict
+    from pipelines.etl.read import diff_plans, plan_to_dict
 
     cfg, label = run.cfg, stages.label
     settings = {
@@ -387,7 +387,7 @@ def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
 def _prepare_output(run: _Run, shards, done, pending) -> bool:
     """Step 5: clear what dead runs left (the lease says no other run is alive); returns whether
     the index must be (re)built."""
-    from .writer import PIECES_DIR, clean_stale_temp_files
+    from pipelines.etl.write import PIECES_DIR, clean_stale_temp_files
 
     need_index = run.cfg.index.enabled and (bool(pending) or not pio.exists(run.path(INDEX_DIR, "index.json"), run.s3))
     if pending or need_index:
@@ -403,11 +403,11 @@ def _prepare_output(run: _Run, shards, done, pending) -> bool:
 def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _Stages, gpus: float):
     """Step 6: read -> decode -> embed -> write pieces on the cluster; the driver commits shards
     from the pieces' metadata. Returns (counts per committed shard, Ray facts for the record)."""
-    from .commit import ModelMismatchError, ShardCommitter
-    from .decode import DECODE_ENV, decode_dataset
-    from .embed import ModelSpec, StageSpec, embed_dataset
-    from .reader import read_dataset
-    from .writer import PIECES_DIR, PieceWriter, result_schema, write_pieces
+    from pipelines.etl.commit import ModelMismatchError, ShardCommitter
+    from pipelines.etl.decode import DECODE_ENV, decode_dataset
+    from pipelines.etl.embed import ModelSpec, StageSpec, embed_dataset
+    from pipelines.etl.read import read_dataset
+    from pipelines.etl.write import PIECES_DIR, PieceWriter, result_schema, write_pieces
 
     cfg = run.cfg
     schema = result_schema(manifest, int(encoder.embed_dim), images=stages.images, texts=stages.texts,
@@ -446,7 +446,7 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
 
 
 def _decode_options(run: _Run, manifest, encoder):
-    from .decode import DecodeOptions
+    from pipelines.etl.decode import DecodeOptions
 
     cfg = run.cfg
     drop = (manifest.image_column,) if manifest.image_is_bytes and manifest.image_column not in manifest.passthrough else ()
@@ -469,7 +469,7 @@ def _stats(ds) -> str | None:
 
 def _counts(run: _Run, shards, done: dict, committed: dict, resolved) -> dict[str, Any]:
     """Step 7: the counts of every part, from its footer or its commit: the data is not re-read."""
-    from .commit import encoder_identity
+    from pipelines.etl.commit import encoder_identity
 
     parts = {**done, **committed}
     causes: Counter = Counter()
@@ -521,7 +521,7 @@ def _model_info(encoder: Any) -> dict[str, Any]:
 
 def _build_index(cfg, results_dir, index_dir, s3, model_info, log) -> dict[str, Any]:
     try:
-        from .index_build import build_index
+        from pipelines.index.build import build_index
     except ImportError as e:
         raise JobError(f"index stage unavailable ({e}); set index.enabled=false") from e
     log(f"[clip-etl] building the index from {results_dir} -> {index_dir}")

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import io as pio
-from .decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKENS_COL
-from .label import LabelSpec, build_captioner, build_classifier, caption_column, label_columns
+from pipelines import storage as pio
+from pipelines.etl.decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKENS_COL
+from pipelines.etl.label import LabelSpec, build_captioner, build_classifier, caption_column, label_columns
 
 NO_INPUT = "row.no_input: row has neither image nor text"
 ACTOR_INFO_COL = "__actor_model"  # JSON of the actor's encoder (first row of each batch), for _run.json
@@ -274,7 +274,7 @@ class EmbedActor:
         self.setup_seconds = time.perf_counter() - t0
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from .reader import add_stage_time
+        from pipelines.etl.read import add_stage_time
 
         t0 = time.perf_counter()
         out = embed_batch(table, self.encoder, self.stages, classifier=self.classifier, captioner=self.captioner)

@@ -22,7 +22,7 @@ import numpy as np
 
 from clip_core.zero_shot import ImageLoadError, as_embedding_matrix, l2_normalize, open_image
 
-from .io import write_bytes_atomic
+from pipelines.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipelines import io
-from pipelines.io import S3Options
+from pipelines import storage as pio
+from pipelines.storage import S3Options
 
 # Result columns worth showing next to a hit (whichever the results hold).
 METADATA_COLUMNS = ("image", "text", "caption", "label", "label_score")
@@ -69,7 +69,7 @@ def encode_query(args: argparse.Namespace, meta: dict[str, Any]) -> np.ndarray:
         return np.atleast_2d(np.asarray(encoder.encode_texts([args.text]), dtype=np.float32))
     from clip_core.preprocess import load_image
 
-    image = load_image(io.read_bytes(args.image, _s3(args)) if io.is_s3(args.image) else args.image)
+    image = load_image(pio.read_bytes(args.image, _s3(args)) if pio.is_s3(args.image) else args.image)
     pixels = encoder.preprocess(image)
     batch = pixels.unsqueeze(0) if hasattr(pixels, "unsqueeze") else np.expand_dims(np.asarray(pixels), 0)
     return np.atleast_2d(np.asarray(encoder.encode_images(batch), dtype=np.float32))
@@ -101,9 +101,9 @@ def lookup_metadata(meta: dict[str, Any], ids: Sequence[str], s3: S3Options | No
         return {}
     id_col = source.get("id_column", meta.get("id_column", "id"))
     try:
-        files = files or io.list_files(root, ".parquet", s3)
-        fs = io.filesystem_for(files[0], s3)
-        dataset = pads.dataset([io.strip_scheme(f) for f in files], format="parquet", filesystem=fs)
+        files = files or pio.list_files(root, ".parquet", s3)
+        fs = pio.filesystem_for(files[0], s3)
+        dataset = pads.dataset([pio.strip_scheme(f) for f in files], format="parquet", filesystem=fs)
         names = dataset.schema.names
         cols = [c for c in METADATA_COLUMNS if c in names]
         if not cols or id_col not in names:
@@ -144,7 +144,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def run_search(args: argparse.Namespace) -> int:
     """Run one search and print the hits; returns the exit status."""
-    from pipelines.index import open_index
+    from pipelines.index.open import open_index
 
     if args.k <= 0:
         raise ValueError(f"-k must be positive, got {args.k}")

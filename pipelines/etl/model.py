@@ -7,7 +7,7 @@ would mix fp16-torch and fp32-ONNX parts in one output. So the driver asks a pro
 Ray schedules like an actor (same GPUs per actor) what ``auto`` means there, ships the
 resolved values to every actor, and records them with the encoder fingerprint in the plan: a
 resume that would resolve differently is refused, and an actor that reports another encoder
-fails the run (:mod:`pipelines.commit`).
+fails the run (:mod:`pipelines.etl.commit`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import io as pio
-from .config import PipelineConfig
+from pipelines import storage as pio
+from pipelines.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def requested_backend(cfg: PipelineConfig, s3: pio.S3Options) -> str:
     """``model.backend``, except that an export directory runs the backend it was exported for."""
     from clip_core.export import is_export_dir, read_export_config
 
-    from .embed import localize_checkpoint
+    from pipelines.etl.embed import localize_checkpoint
 
     path = localize_checkpoint(cfg.model.checkpoint, s3)
     return read_export_config(path)["backend"] if is_export_dir(path) else cfg.model.backend

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import io as pio
+from pipelines import storage as pio
 
 # fixed_size_binary(R*R*3): uint8 [R, R, 3] per row, null when there is no usable image. A fixed
 # width puts the batch's pixels back to back in one Arrow buffer, which the actor views as
@@ -240,7 +240,7 @@ def decode_batch(table: pa.Table, opts: DecodeOptions) -> pa.Table:
 
     Never raises for a bad row; the batch keeps its row count and order.
     """
-    from .reader import FILE_COL
+    from pipelines.etl.read import FILE_COL
 
     n = table.num_rows
     if opts.image_column:
@@ -271,7 +271,7 @@ class DecodeFn:
         self.opts = opts
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from .reader import add_stage_time
+        from pipelines.etl.read import add_stage_time
 
         t0 = time.perf_counter()
         out = decode_batch(table, self.opts)

@@ -15,7 +15,7 @@ or place: hard negatives that make a contrastive model learn shape instead of st
 Items follow the sample set's rules: only the *seen* shape-color pairs of ``split_rules`` (the
 held-out pairs of ``test_unseen`` never appear), the same drawing, JPEG round trip and captions,
 so a model trained here is evaluated fairly on a manifest written by
-``pipelines.sample_data`` with the same rules.
+``pipelines.demo.sample_data`` with the same rules.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .sample_data import BACKGROUNDS, COLORS, DEFAULT_PARTIAL_CAPTIONS, SplitRules, caption, draw, sample_spec
+from pipelines.demo.sample_data import BACKGROUNDS, COLORS, DEFAULT_PARTIAL_CAPTIONS, SplitRules, caption, draw, sample_spec
 
 STREAM_KEY = 0x57E4  # keeps item seeds apart from ``generate_sample_set``'s (seed, index) seeds
 
