@@ -239,8 +239,8 @@ class _Stages:
 def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> dict[str, Any]:
     """The steps in the order the data meets them; every job-level check comes before compute."""
     from pipelines.etl.lease import LeaseHeldError, OutputLease
-    from pipelines.ray_runtime import actor_gpus, ray_session
     from pipelines.etl.write import committed_parts
+    from pipelines.ray_runtime import actor_gpus, ray_session
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
@@ -278,20 +278,21 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             counts = _counts(run, shards, done, committed, resolved)
             model_info = {**_model_info(encoder), **resolved.to_dict()}
             index_summary = _index_step(run, need_index, counts, model_info)
-    run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    record = {
-        "job": job, "status": "succeeded", "run_id": run.run_id, "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(), "config": redacted_config(cfg),
-        "versions": versions(), "model": model_info,
-        "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
-                   "caption": stages.caption, "index": cfg.index.enabled},
-        "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "notes": run.notes,
-        "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
-    }
-    pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
-    pio.write_bytes_atomic(run.path(SUCCESS_FILE), b"", run.s3)
-    log(f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
-        f"{run.timings['total_s']:.1f}s -> {run.out}")
+        # the record and _SUCCESS are written while the lease is held: no other run can interleave
+        run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        record = {
+            "job": job, "status": "succeeded", "run_id": run.run_id, "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(), "config": redacted_config(cfg),
+            "versions": versions(), "model": model_info,
+            "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
+                       "caption": stages.caption, "index": cfg.index.enabled},
+            "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "notes": run.notes,
+            "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
+        }
+        pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
+        pio.write_bytes_atomic(run.path(SUCCESS_FILE), b"", run.s3)
+        log(f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
+            f"{run.timings['total_s']:.1f}s -> {run.out}")
     return record
 
 
