@@ -48,7 +48,6 @@ def _float_path(encoder, images) -> np.ndarray:
 def encoder(request, tiny_checkpoint, tiny_encoder):  # noqa: F811 (fixture)
     if request.param == "torch":
         return tiny_encoder
-    pytest.importorskip("onnxruntime")
     from clip_core.encoders import load_encoder
 
     return load_encoder(tiny_checkpoint, backend="onnx", precision="fp32", device="cpu", num_threads=1)

@@ -171,6 +171,21 @@ def _run_isolated(fn, inputs: np.ndarray, what: str) -> tuple[np.ndarray | None,
     return np.stack([o if o is not None else np.zeros(dim, np.float32) for o in outs]), errs
 
 
+def _embed_present(fn, inputs: np.ndarray, has: np.ndarray, what: str, out: np.ndarray, ok: np.ndarray,
+                   row_errors: list[list[str]]) -> None:
+    """Embed the rows that have an input (``inputs`` holds only those) into their places in
+    ``out``; a row the model failed on gets its error instead."""
+    if not len(inputs):
+        return
+    emb, errs = _run_isolated(fn, inputs, what)
+    for j, i in enumerate(np.flatnonzero(has)):
+        if errs[j]:
+            row_errors[i].append(errs[j])
+        else:
+            out[i] = emb[j]
+            ok[i] = True
+
+
 def embed_batch(
     table: pa.Table,
     encoder: Any,
@@ -198,32 +213,15 @@ def embed_batch(
         r = int(encoder.image_size)
         pixels, has_pixels = _stack(table.column(PIXELS_COL), np.uint8, (r, r, 3))  # [M, R, R, 3] uint8
         present |= has_pixels | np.array([e is not None for e in img_err])
-        if len(pixels):
-            emb, errs = _run_isolated(_image_fn(encoder), pixels, "image")
-            idx = np.flatnonzero(has_pixels)
-            for j, i in enumerate(idx):
-                if errs[j]:
-                    row_errors[i].append(errs[j])
-                else:
-                    img_emb[i] = emb[j]
-                    img_ok[i] = True
+        _embed_present(_image_fn(encoder), pixels, has_pixels, "image", img_emb, img_ok, row_errors)
         new["image_embedding"] = fixed_size_list(img_emb, img_ok)
 
     if stages.texts:
-        length = int(encoder.context_length)
-        tokens, has_tokens = _stack(table.column(TOKENS_COL), np.int64, (length,))
+        tokens, has_tokens = _stack(table.column(TOKENS_COL), np.int64, (int(encoder.context_length),))
         present |= has_tokens | np.array([e is not None for e in txt_err])
         txt_emb = np.zeros((n, dim), np.float32)
         txt_ok = np.zeros(n, dtype=bool)
-        if len(tokens):
-            emb, errs = _run_isolated(_text_fn(encoder), tokens, "text")
-            idx = np.flatnonzero(has_tokens)
-            for j, i in enumerate(idx):
-                if errs[j]:
-                    row_errors[i].append(errs[j])
-                else:
-                    txt_emb[i] = emb[j]
-                    txt_ok[i] = True
+        _embed_present(_text_fn(encoder), tokens, has_tokens, "text", txt_emb, txt_ok, row_errors)
         new["text_embedding"] = fixed_size_list(txt_emb, txt_ok)
 
     if stages.label is not None:
