@@ -154,16 +154,42 @@ def run_cli(args: list[str], *, timeout: float = 300, cwd: str | Path | None = N
                           cwd=str(cwd or REPO), env=cli_env(**env))
 
 
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``: Ray's workers may leave the process group
+    of the driver that started them, but not its session."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a child started with ``start_new_session=True`` and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
+    """SIGKILL a child started with ``start_new_session=True`` and everything it started, and wait
+    until all of it is gone: a task still running in a worker could otherwise commit a file after
+    the caller has looked at the output."""
+    deadline = time.monotonic() + 30
+    while True:
+        members = _session_members(proc.pid)
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        if not members or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
