@@ -43,6 +43,7 @@ import torch
 
 from .config import CLIPConfig
 from .model import CLIP
+from .zero_shot import l2_normalize
 
 __all__ = [
     "BACKENDS",
@@ -51,6 +52,7 @@ __all__ = [
     "EncoderError",
     "available_cpus",
     "cpu_has_native_bf16",
+    "encoder_for_model",
     "load_encoder",
     "resolve_backend",
     "resolve_num_threads",
@@ -149,16 +151,24 @@ def _onnx_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def resolve_backend(backend: str, device: str = "auto") -> str:
-    """``auto`` -> the fastest backend that gives the reference numbers on this device.
+def resolve_backend(backend: str, device: str = "auto", precision: str = "auto") -> str:
+    """``auto`` -> the fastest backend whose accuracy holds our bound (mean cosine >= 0.9999 to
+    fp32, BENCHMARKS.md) on this device, for the precision asked.
 
-    On CUDA that is ``torch`` (fp16 weights, SDPA kernels); on CPU it is ``onnx``, fp32 like
-    torch and within ~2e-7 of it, 1.2x its image and 1.1-2.4x its caption throughput on our
-    2-core benchmark (BENCHMARKS.md). Without onnxruntime/onnx installed, ``torch``. Other names pass through.
+    - CUDA: ``torch`` (fp16 weights, SDPA kernels).
+    - A CPU with native bf16 (AVX512-BF16, AMX), precision auto or bf16: ``torch`` with bf16
+      weights, 2-3x fp32.
+    - Any other CPU, or fp32 asked: ``onnx``, fp32 like torch and within ~2e-7 of it, 1.2x its
+      image and 1.1-2.4x its caption throughput. Without onnxruntime/onnx installed, ``torch``.
+    - Never ``onnx-int8``: faster on VNNI/AMX, but its text cosine (0.9995) misses the bound.
+
+    Other names pass through.
     """
     if backend != "auto":
         return backend
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "torch"
+    if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()):
         return "torch"
     try:
         import onnx  # noqa: F401  (the export needs it)
@@ -297,15 +307,15 @@ class Encoder:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         self._apply_threads()
         if not self.trim_text:
-            return _l2_normalize(self._text_batch(tokens.contiguous()))
+            return l2_normalize(self._text_batch(tokens.contiguous()))
         lengths = self.text_lengths(tokens)
         if n <= self.text_bucket_rows:
-            return _l2_normalize(self._text_batch(tokens[:, : int(lengths.max())].contiguous()))
+            return l2_normalize(self._text_batch(tokens[:, : int(lengths.max())].contiguous()))
         order = torch.argsort(lengths, stable=True)
         out = np.empty((n, self.embed_dim), dtype=np.float32)
         for idx in torch.tensor_split(order, math.ceil(n / self.text_bucket_rows)):
             out[idx.numpy()] = self._text_batch(tokens[idx, : int(lengths[idx].max())].contiguous())
-        return _l2_normalize(out)
+        return l2_normalize(out)
 
     # -- images ----------------------------------------------------------------------------
     def _as_pixels(self, pixels: Any) -> torch.Tensor:
@@ -326,7 +336,7 @@ class Encoder:
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         self._apply_threads()
-        return _l2_normalize(self._image_batch(x))
+        return l2_normalize(self._image_batch(x))
 
     # -- backend hooks ---------------------------------------------------------------------
     def _image_batch(self, pixels: torch.Tensor) -> np.ndarray:
@@ -355,46 +365,37 @@ class Encoder:
                 f"device={self.device!r}, fingerprint={self.fingerprint!r})")
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 # --------------------------------------------------------------------------------------------
 # Backends.
 # --------------------------------------------------------------------------------------------
 class TorchEncoder(Encoder):
-    """The model in eager torch under ``inference_mode``; bf16 by autocast, fp16 by converted weights.
+    """The model in eager torch under ``inference_mode``; bf16 and fp16 by weights converted once.
 
-    Autocast keeps the fp32 weights and casts per op, so LayerNorm, softmax and the final
-    projection stay in fp32: measured more accurate than converting the weights to bf16.
-    On CUDA fp16 weights are converted (OpenAI's own choice), halving memory traffic.
+    Converted weights, not autocast: autocast re-casts every weight on every call, which on a
+    CPU with AMX cost more than the matmuls (ViT-B/32, 1 thread, Sapphire Rapids: 16.9 images/s
+    by autocast, 33.4 converted, 11.5 fp32). The numbers are the same either way: LayerNorm
+    computes in fp32 inside the model, and the towers normalize in fp32 (BENCHMARKS.md has the
+    cosine to fp32). On CUDA fp16 is OpenAI's own choice, halving memory traffic.
     """
 
     def __init__(self, model: CLIP, *, device: str, precision: str, **kw: Any):
         from .export import ImageTower, TextTower
 
         model = model.eval().to(device)
-        if precision == "fp16":
-            model = model.half()
-        self._dtype = torch.float16 if precision == "fp16" else torch.float32
+        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        if self._dtype != torch.float32:
+            model = model.to(self._dtype)
         self._image = ImageTower(model).eval()
         self._text = TextTower(model).eval()
         super().__init__(device=device, precision=precision, config=model.config, **kw)
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
-
     def _image_batch(self, pixels: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             out = self._image(pixels.to(self.device, self._dtype))
         return out.float().cpu().numpy()
 
     def _text_batch(self, tokens: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             out = self._text(tokens.to(self.device))
         return out.float().cpu().numpy()
 
@@ -545,13 +546,31 @@ def _export_for(model: CLIP, name: str, source_fp: str, fmt: str) -> tuple[Path,
     return out, tmp
 
 
+def encoder_for_model(model: CLIP) -> Encoder:
+    """A torch fp32 :class:`Encoder` over ``model`` itself, e.g. to evaluate a model while it trains.
+
+    Unlike ``load_encoder(model)`` it neither copies nor hashes the weights (both cost as much as
+    the evaluation, and the weights change every step), so its fingerprint is a placeholder. It
+    runs on the model's own device, so the model is not moved, and keeps torch's current thread
+    count, which the training chose. The model is put in eval mode (the caller restores its mode).
+    """
+    from .preprocess import image_transform
+
+    return TorchEncoder(
+        model, device=str(next(model.parameters()).device), precision="fp32",
+        name="<in-memory model>", backend="torch", num_threads=torch.get_num_threads(),
+        logit_scale=float(model.logit_scale.detach().float().exp()), fingerprint="unfingerprinted",
+        preprocess=image_transform(model.config.vision.image_size), tokenizer=_tokenizer_for(None, None),
+    )
+
+
 def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", precision: str = "auto",
                  device: str = "auto", num_threads: int | None = None) -> Encoder:
     """Build an :class:`Encoder` from a checkpoint (anything ``load_model`` takes) or an export directory.
 
     An export directory runs with the backend it was exported for; ``backend`` may name it or be
-    ``torch``/``auto``. ``backend="auto"`` picks ``torch`` on CUDA and ``onnx`` on CPU
-    (:func:`resolve_backend`). A ``CLIP`` instance is accepted too (for notebooks and tests).
+    ``torch``/``auto``. ``backend="auto"`` picks ``torch`` on CUDA and on CPUs with native bf16,
+    else ``onnx`` (:func:`resolve_backend`). A ``CLIP`` instance is accepted too (for notebooks and tests).
     """
     from .checkpoints import load_model, model_fingerprint
     from .export import derived_fingerprint, is_export_dir, read_export_config
@@ -570,7 +589,7 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
         if backend not in (doc["backend"], "torch", "auto"):
             raise EncoderError(f"{folder} holds a {doc['backend']!r} export; it cannot run as backend {backend!r}")
         backend = doc["backend"]
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, precision)
     # Settle device and precision before any slow work (loading, exporting) so a bad request fails fast.
     device = resolve_device(device, backend)
     precision = resolve_precision(precision, backend, device)
@@ -578,8 +597,8 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
 
     if backend == "torch":
         if isinstance(source, CLIP):
-            # fp16 conversion and device moves happen in place: leave the caller's model as it was.
-            model = copy.deepcopy(source) if (precision == "fp16" or device != "cpu") else source
+            # dtype conversion and device moves happen in place: leave the caller's model as it was.
+            model = copy.deepcopy(source) if (precision in ("fp16", "bf16") or device != "cpu") else source
         else:
             model = load_model(source)
         source_fp = model_fingerprint(model)

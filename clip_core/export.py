@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
-from .model import CLIP
+from .model import CLIP, eot_positions  # eot_positions: re-exported, callers import it from here
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -79,55 +79,43 @@ class ExportError(RuntimeError):
 # The two towers as standalone modules: what is traced, and what the torch backend runs too, so
 # every backend computes the same function.
 # --------------------------------------------------------------------------------------------
-def eot_positions(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
-    """Index of the first EOT per row, by comparison with the EOT id; rows without one use OpenAI's argmax.
-
-    Written without device or dtype constants (int32 argmax, a gather instead of ``any``) so the
-    same traced graph runs on any device and exports to ONNX ops every runtime implements.
-    """
-    is_eot = (tokens == eot_token_id).to(torch.int32)  # [B, L]
-    first = is_eot.argmax(dim=-1, keepdim=True)  # [B, 1]
-    found = is_eot.gather(1, first)  # [B, 1] 1 where row has an EOT
-    fallback = tokens.to(torch.int32).argmax(dim=-1, keepdim=True)  # ids < 2**31: exact in int32
-    return torch.where(found > 0, first, fallback).squeeze(1)  # [B]
-
-
 class ImageTower(nn.Module):
-    """[B, 3, R, R] normalized pixels -> [B, D] L2-normalized image embeddings."""
+    """[B, 3, R, R] normalized pixels -> [B, D] L2-normalized float32 image embeddings.
+
+    Both towers normalize in float32 whatever the weights' dtype: a bf16 norm would round every
+    embedding to 8 significant bits for no speed (the exported fp32 graphs are unchanged).
+    """
 
     def __init__(self, model: CLIP):
         super().__init__()
         self.visual = model.visual
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(pixels), dim=-1)
+        return F.normalize(self.visual(pixels).float(), dim=-1)  # [B, D] float32
 
 
 class TextTower(nn.Module):
     """[B, L] token ids (L <= context_length) -> [B, D] L2-normalized text embeddings.
 
-    Equal to ``CLIP.encode_text`` followed by normalization, but ``ln_final`` runs on the pooled
-    row only (LayerNorm is per token, so the result is the same) and pooling is a gather.
+    The forward is the model's own ``CLIP.encode_text``, normalized: one text forward for eager
+    torch and every exported graph. The tower registers the text parameters that forward reads
+    (the same objects as the model's) rather than the whole model: a traced module keeps every
+    parameter registered on it, so holding the model would put the image tower's weights into
+    the text graph too. The tracer finds those parameters by identity, so the graph reads them
+    from the tower.
     """
 
     def __init__(self, model: CLIP):
         super().__init__()
-        self.eot_token_id = int(model.eot_token_id)
         self.token_embedding = model.token_embedding
         self.positional_embedding = model.positional_embedding
         self.transformer = model.transformer
         self.ln_final = model.ln_final
         self.text_projection = model.text_projection
+        self._encode_text = model.encode_text  # a bound method: not registered, so no image weights
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        length = tokens.shape[1]
-        x = self.token_embedding(tokens)  # [B, L, W]
-        x = x + self.positional_embedding[:length].to(x.dtype)
-        x = self.transformer(x, causal=True)  # [B, L, W]
-        index = eot_positions(tokens, self.eot_token_id)  # [B]
-        x = x.gather(1, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1]).to(torch.int64)).squeeze(1)  # [B, W]
-        x = self.ln_final(x)
-        return F.normalize(x @ self.text_projection.to(x.dtype), dim=-1)
+        return F.normalize(self._encode_text(tokens).float(), dim=-1)  # [B, D] float32
 
 
 # --------------------------------------------------------------------------------------------

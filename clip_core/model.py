@@ -129,6 +129,19 @@ class VisionTransformer(nn.Module):
         return x @ self.proj  # [B, D]
 
 
+def eot_positions(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """Index of the first EOT per row, by comparison with the EOT id; rows without one use OpenAI's argmax.
+
+    Written without device or dtype constants (int32 argmax, a gather instead of ``any``) so the
+    same traced graph runs on any device and exports to ONNX ops every runtime implements.
+    """
+    is_eot = (tokens == eot_token_id).to(torch.int32)  # [B, L]
+    first = is_eot.argmax(dim=-1, keepdim=True)  # [B, 1]
+    found = is_eot.gather(1, first)  # [B, 1] 1 where row has an EOT
+    fallback = tokens.to(torch.int32).argmax(dim=-1, keepdim=True)  # [B, 1] ids < 2**31: exact in int32
+    return torch.where(found > 0, first, fallback).squeeze(1)  # [B]
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -175,25 +188,25 @@ class CLIP(nn.Module):
         """[B, 3, R, R] normalized pixels -> [B, D] image features (not L2-normalized)."""
         return self.visual(image.to(self.dtype))
 
-    def eot_positions(self, text: torch.Tensor) -> torch.Tensor:
-        """Index of the first EOT token per row; rows without one fall back to OpenAI's argmax."""
-        is_eot = text == self.eot_token_id  # [B, L]
-        first_eot = is_eot.int().argmax(dim=-1)  # [B]
-        return torch.where(is_eot.any(dim=-1), first_eot, text.argmax(dim=-1))
-
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """[B, L] token ids (L <= context_length) -> [B, D] text features (not L2-normalized).
 
         The mask is causal, so tokens after EOT never influence the EOT feature: a batch may be
         trimmed to its longest sequence and give exactly the same result.
+
+        This is also the exported text graph (``export.TextTower``), so it is written to trace:
+        pooling is a gather at :func:`eot_positions`, and ``ln_final`` runs on the pooled row
+        only (LayerNorm is per token, so that equals OpenAI's normalising every token first).
+        The projection follows the activations' dtype, which autocast or fp16 weights decide.
         """
         L = text.shape[1]
         x = self.token_embedding(text).to(self.dtype)  # [B, L, W]
         x = x + self.positional_embedding[:L].to(self.dtype)
         x = self.transformer(x, causal=True)  # [B, L, W]
-        x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(text)]  # [B, W]
-        return x @ self.text_projection  # [B, D]
+        index = eot_positions(text, self.eot_token_id).to(torch.int64)  # [B]
+        x = x.gather(1, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [B, W]
+        x = self.ln_final(x)  # [B, W]
+        return x @ self.text_projection.to(x.dtype)  # [B, D]
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled cosine similarities, as OpenAI's: (logits_per_image [Bi, Bt], logits_per_text [Bt, Bi])."""

@@ -165,6 +165,7 @@ def load_image(
     *,
     exif_transpose: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Decode an image fully and return it in a mode the CLIP transform handles.
 
@@ -174,8 +175,13 @@ def load_image(
     block leaves the image unrotated rather than failing. ``max_pixels`` caps
     ``width * height``, checked from the header before any pixel is decoded;
     ``None`` disables this check (PIL still refuses beyond twice its global
-    ``Image.MAX_IMAGE_PIXELS``). Any failure raises :class:`ImageDecodeError`;
-    a wrong argument type raises ``TypeError``.
+    ``Image.MAX_IMAGE_PIXELS``). ``draft_size`` lets a JPEG decode at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT scaling) while both sides stay at least that
+    many pixels: a 12 MP photo bound for a 224 px model then costs a fraction
+    of a full decode, and the exact resize runs on the smaller image (a fast
+    path: its cost in accuracy is measured in BENCHMARKS.md). Other formats
+    ignore it. Any failure raises :class:`ImageDecodeError`; a wrong argument
+    type raises ``TypeError``.
     """
     data = _read_source(source)
     try:
@@ -193,6 +199,8 @@ def load_image(
             f"image too large: {width} x {height} pixels exceeds limit {max_pixels} "
             "(decompression bomb)"
         )
+    if draft_size is not None and img.format == "JPEG":
+        img.draft(None, (draft_size, draft_size))  # keeps the mode; a no-op when already small
     try:
         img.load()
     except Exception as exc:

@@ -345,30 +345,7 @@ def train(
     return history
 
 
-# ----------------------------------------------------------------------------- zero-shot evaluation
-
-
-@torch.no_grad()
-def zero_shot_weights(model: nn.Module, classes: Sequence[str], templates: Sequence[str],
-                      tokenizer_fn: TokenizerFn | None = None) -> torch.Tensor:
-    """[C, D] class embeddings: mean of the normalized prompt embeddings, re-normalized (OpenAI's recipe)."""
-    if tokenizer_fn is None:
-        from .tokenizer import tokenize as tokenizer_fn
-    ctx = model.context_length
-    prompts = [t.format(c) for c in classes for t in templates]
-    tokens = trim_tokens(tokenizer_fn(prompts, context_length=ctx, truncate=True))
-    emb = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(classes), len(templates), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1)
-
-
-@torch.no_grad()
-def zero_shot_predict(model: nn.Module, pixels: torch.Tensor, weights: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Index of the best class per image: argmax of normalized image embedding @ class weights."""
-    preds = []
-    for i in range(0, pixels.shape[0], batch_size):
-        feats = F.normalize(model.encode_image(pixels[i:i + batch_size]).float(), dim=-1)
-        preds.append((feats @ weights.t()).argmax(dim=-1))
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+# ----------------------------------------------------------------------------- evaluation data
 
 
 def load_pixels(images: Sequence[Any], transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
@@ -389,6 +366,4 @@ __all__ = [
     "random_crop_box",
     "train",
     "trim_tokens",
-    "zero_shot_predict",
-    "zero_shot_weights",
 ]

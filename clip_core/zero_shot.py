@@ -29,13 +29,18 @@ ImageSource = Union[str, os.PathLike, bytes, Any]  # a path, encoded bytes or a 
 
 
 # --------------------------------------------------------------------------------------------
-# Small numeric helpers shared by the captioner and VQA
+# Small numeric helpers shared by the encoders, the captioner, VQA and the index
 # --------------------------------------------------------------------------------------------
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Row-normalise to unit length (float32). A zero row stays zero instead of becoming NaN."""
+    """Row-normalise to unit length (float32): the project's one numpy L2 normalisation.
+
+    Encoders, the classifier, the captioner and the index all normalise through this, so an
+    embedding is the same vector whichever of them produced it. The norm is floored at 1e-12
+    (as ``torch.nn.functional.normalize``), so a zero row stays zero instead of becoming NaN.
+    """
     x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, np.finfo(np.float32).tiny)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)  # [..., 1]
+    return x / np.maximum(norm, 1e-12)
 
 
 def softmax(logits: np.ndarray, axis: int = -1, dtype: type = np.float32) -> np.ndarray:

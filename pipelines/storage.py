@@ -3,7 +3,8 @@
 Every stage reads and writes through :func:`filesystem_for`, so S3 credentials, endpoint and
 retries are configured once. Writes are atomic: data goes to a temporary name in the same
 directory and is renamed (local) or uploaded in one PUT (S3, where an object appears whole or
-not at all), so a reader never sees a half-written file.
+not at all), so a reader never sees a half-written file. Local copies of S3 files and folders
+(:func:`fetch_to_local`) are published the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -124,6 +126,37 @@ def write_bytes_atomic(path: str, data: bytes, s3: S3Options | None = None, tmp_
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fetch_to_local(uri: str, dest: str, s3: S3Options | None = None) -> str:
+    """Copy the ``s3://`` file or folder ``uri`` to the local path ``dest``; returns ``dest``.
+
+    Local readers need local files (FAISS memory-maps only those, clip_core parses only those),
+    and several processes may fetch the same ``dest`` at once (actors on one node, index opens).
+    So the copy is downloaded into a temporary folder next to ``dest`` and renamed into place:
+    ``dest`` is either absent or complete, a crash leaves no partial copy that looks finished,
+    and a concurrent fetch is harmless: a file is replaced by an identical one (readers keep the
+    one they opened); a folder that another process published first is kept and this copy dropped.
+    """
+    fs = fsspec_filesystem(uri, s3)
+    raw = strip_scheme(uri)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".fetch-", dir=parent)
+    local = os.path.join(work, os.path.basename(dest))
+    try:
+        if fs.isdir(raw):
+            fs.get(raw.rstrip("/") + "/", local, recursive=True)
+        else:
+            fs.get_file(raw, local)
+        try:
+            os.replace(local, dest)
+        except OSError:
+            if not (os.path.isdir(local) and os.path.isdir(dest)):
+                raise  # only a folder that another process published first is expected here
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
 
 
 def write_json_atomic(path: str, obj: Any, s3: S3Options | None = None) -> None:
@@ -288,6 +321,7 @@ __all__ = [
     "S3Options",
     "dirname",
     "exists",
+    "fetch_to_local",
     "file_info",
     "filesystem_for",
     "fsspec_filesystem",

@@ -207,8 +207,14 @@ def test_precision_resolution():
         resolve_precision("fp8", "torch", "cpu")
 
 
-def test_auto_backend_is_torch_on_cuda_and_exact_onnx_on_cpu(tiny_model, monkeypatch):
+def test_auto_backend_is_torch_on_cuda_and_bf16_cpus_and_exact_onnx_elsewhere(tiny_model, monkeypatch):
+    import clip_core.encoders as encoders
+
     assert resolve_backend("auto", "cuda") == "torch" and resolve_backend("onnx-int8", "cpu") == "onnx-int8"
+    monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: True)
+    assert resolve_backend("auto", "cpu") == "torch" and resolve_backend("auto", "cpu", "bf16") == "torch"
+    assert resolve_backend("auto", "cpu", "fp32") == "onnx"  # fp32 asked: the faster exact backend
+    monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU
     assert resolve_backend("auto", "cpu") == "onnx"
     enc = load_encoder(tiny_model, "auto", device="cpu")
     assert enc.backend == "onnx" and enc.precision == "fp32" and enc.device == "cpu"
@@ -330,7 +336,7 @@ def _compare(case, enc) -> dict[str, float]:
     figures = {"cos_img": float((img * case["img"]).sum(1).mean()), "cos_txt": float((txt * case["txt"]).sum(1).mean()),
                "top1_agreement": float((got == want).mean())}
     print(f"\n[{case['which']} model] {enc.backend}/{enc.precision} vs torch fp32: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+          + ", ".join(f"{k} {v:.6f}" for k, v in figures.items()))
     return figures
 
 
@@ -338,6 +344,8 @@ def _compare(case, enc) -> dict[str, float]:
 def test_fast_paths_keep_accuracy(accuracy_case, backend, precision):
     figures = _compare(accuracy_case, load_encoder(accuracy_case["model"], backend, precision))
     assert figures["cos_img"] >= 0.99 and figures["cos_txt"] >= 0.99
+    if backend == "torch":  # precision=auto picks bf16 on CPUs that have it, on this bound
+        assert min(figures["cos_img"], figures["cos_txt"]) >= 0.9999, figures
     if accuracy_case["which"] != "demo":
         pytest.skip("zero-shot agreement needs a trained model (random weights give near-tied logits); "
                     f"mean cosine held: {figures}")

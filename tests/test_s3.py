@@ -53,6 +53,33 @@ def test_io_roundtrip_against_s3(bucket):
     assert t.column("id").to_pylist() == [3, 4, 5, 6]
 
 
+def test_fetch_to_local_files_and_folders(bucket, tmp_path, monkeypatch):
+    """One S3-to-local copy for checkpoints, index files and prompt files: a file or a folder,
+    published whole under ``dest``; a second fetch of a published folder is harmless."""
+    from pipelines.etl.embed import localize_checkpoint
+
+    opts = pio.S3Options(endpoint_url=bucket["endpoint"], access_key_id="testing", secret_access_key="testing",
+                         region="us-east-1")
+    client = bucket["client"]
+    client.put_object(Bucket="data", Key="ckpt/config.json", Body=b"{}")
+    client.put_object(Bucket="data", Key="ckpt/sub/weights.bin", Body=b"w" * 100)
+    got = pio.fetch_to_local("s3://data/classes.txt", str(tmp_path / "a" / "classes.txt"), opts)
+    assert got == str(tmp_path / "a" / "classes.txt") and open(got, "rb").read().startswith(b"# shapes")
+    folder = str(tmp_path / "b" / "ckpt")
+    for _ in range(2):  # the second publishes onto an existing folder: kept, the copy dropped
+        assert pio.fetch_to_local("s3://data/ckpt", folder, opts) == folder
+        assert open(f"{folder}/sub/weights.bin", "rb").read() == b"w" * 100
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError):
+        pio.fetch_to_local("s3://data/nope.txt", str(tmp_path / "c" / "nope.txt"), opts)
+    assert not (tmp_path / "c" / "nope.txt").exists() and not list((tmp_path / "c").iterdir())
+
+    monkeypatch.setenv("CLIP_ETL_CACHE_DIR", str(tmp_path / "cache"))
+    local = localize_checkpoint("s3://data/ckpt/", opts)
+    assert local.startswith(str(tmp_path / "cache" / "models")) and local.endswith("/ckpt")
+    assert open(f"{local}/config.json").read() == "{}" and localize_checkpoint("s3://data/ckpt/", opts) == local
+
+
 def test_s3_manifest_images_and_output(ray_local, bucket, tiny_checkpoint, tiny_encoder):
     from clip_core.preprocess import load_image
 

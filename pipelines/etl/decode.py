@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -75,8 +77,9 @@ class DecodeOptions:
     max_pixels: int = 2 * 89_478_485  # larger images are "too_large"
     max_image_bytes: int = 64 * 1024 * 1024  # larger files are "too_large"
     exif_transpose: bool = False  # apply EXIF orientation
+    jpeg_draft: bool = True  # JPEGs decode at a DCT scale keeping >= 2x the model's resolution
     truncate_text: bool = True  # cut long texts instead of failing them
-    io_threads: int = 8  # concurrent fetches within one task
+    io_threads: int = 8  # fetches in flight within one task (decoding itself uses the task's one thread)
     s3: pio.S3Options | None = None  # S3 settings for s3:// image URIs
 
 
@@ -153,15 +156,15 @@ def _decode_cause(message: str) -> str:
     return "corrupt"
 
 
-def decode_image(value: Any, manifest_dir: str, opts: DecodeOptions) -> np.ndarray:
-    """One image cell -> uint8 ``[R, R, 3]`` (resized and cropped); every failure is a :class:`RowError`."""
+def decode_fetched(data: bytes, where: str, opts: DecodeOptions) -> np.ndarray:
+    """Encoded bytes -> uint8 ``[R, R, 3]`` (resized and cropped); every failure is a :class:`RowError`."""
     from clip_core.preprocess import ImageDecodeError, load_image
 
-    data, where = fetch_image_bytes(value, manifest_dir, opts)
     if not data:
         raise RowError("empty_file", f"zero bytes: {where}")
+    draft = 2 * opts.transform.resolution if opts.jpeg_draft else None
     try:
-        img = load_image(data, exif_transpose=opts.exif_transpose, max_pixels=opts.max_pixels)
+        img = load_image(data, exif_transpose=opts.exif_transpose, max_pixels=opts.max_pixels, draft_size=draft)
     except ImageDecodeError as e:
         raise RowError(_decode_cause(str(e)), f"{e}: {where}") from None
     except Exception as e:  # a decoder bug must still not fail the block
@@ -172,24 +175,54 @@ def decode_image(value: Any, manifest_dir: str, opts: DecodeOptions) -> np.ndarr
         raise RowError("preprocess_failed", f"{type(e).__name__}: {e}: {where}") from None
 
 
+def decode_image(value: Any, manifest_dir: str, opts: DecodeOptions) -> np.ndarray:
+    """One image cell -> uint8 ``[R, R, 3]`` (resized and cropped); every failure is a :class:`RowError`."""
+    return decode_fetched(*fetch_image_bytes(value, manifest_dir, opts), opts)
+
+
+def _prefetched(fetch: Callable[[int], Any], items: list[int], depth: int) -> Iterator[Any]:
+    """``fetch(i)`` for each item, in order, with up to ``depth`` fetches running ahead in threads.
+
+    Fetching waits on disks and S3, so threads hide its latency; the bound keeps a task's memory
+    at ``depth`` files rather than a whole batch of them.
+    """
+    if depth <= 1 or len(items) <= 1:
+        yield from (fetch(i) for i in items)
+        return
+    with ThreadPoolExecutor(max_workers=min(depth, len(items))) as pool:
+        pending = deque(pool.submit(fetch, i) for i in items[:depth])
+        for i in items[depth:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(fetch, i))
+        while pending:
+            yield pending.popleft().result()
+
+
 def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> tuple[list[bytes | None], list[str | None]]:
-    """A column of image cells -> (uint8 [R, R, 3] pixel bytes or None, error or None), fetched concurrently."""
+    """A column of image cells -> (uint8 [R, R, 3] pixel bytes or None, error or None).
 
-    def one(i: int) -> tuple[bytes | None, str | None]:
-        value = values[i]
-        if value is None:
-            return None, None
+    Fetches run ahead in ``io_threads`` threads; decoding and resizing run in the calling thread,
+    one image at a time, so a task that reserves one CPU keeps to one CPU and never competes
+    with the model's threads.
+    """
+    pixels: list[bytes | None] = [None] * len(values)
+    errors: list[str | None] = [None] * len(values)
+
+    def fetch(i: int) -> tuple[bytes, str] | RowError:
         try:
-            return decode_image(value, opts.manifest_dirs[files[i]], opts).tobytes(), None
+            return fetch_image_bytes(values[i], opts.manifest_dirs[files[i]], opts)
         except RowError as e:
-            return None, f"image.{e.cause}: {e.detail}"
+            return e
 
-    if opts.io_threads > 1 and len(values) > 1:
-        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(values))) as pool:
-            results = list(pool.map(one, range(len(values))))
-    else:
-        results = [one(i) for i in range(len(values))]
-    return [r[0] for r in results], [r[1] for r in results]
+    todo = [i for i, v in enumerate(values) if v is not None]
+    for i, fetched in zip(todo, _prefetched(fetch, todo, opts.io_threads)):
+        try:
+            if isinstance(fetched, RowError):
+                raise fetched
+            pixels[i] = decode_fetched(*fetched, opts).tobytes()
+        except RowError as e:
+            errors[i] = f"image.{e.cause}: {e.detail}"
+    return pixels, errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +341,7 @@ __all__ = [
     "TOKENS_COL",
     "decode_batch",
     "decode_dataset",
+    "decode_fetched",
     "decode_image",
     "decode_images",
     "fetch_image_bytes",

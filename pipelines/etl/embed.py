@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +59,8 @@ class StageSpec:
 
 def localize_checkpoint(source: str, s3: pio.S3Options | None = None) -> str:
     """A local path for ``source``: s3:// files or folders are downloaded once per node into a
-    cache keyed by the URI, published with an atomic rename so concurrent actors agree."""
+    cache keyed by the URI, published with an atomic rename (:func:`pipelines.storage.fetch_to_local`)
+    so concurrent actors agree."""
     if not pio.is_s3(source):
         return source
     from clip_core.encoders import cache_dir
@@ -70,21 +70,7 @@ def localize_checkpoint(source: str, s3: pio.S3Options | None = None) -> str:
     target = os.path.join(root, key, os.path.basename(source.rstrip("/")))
     if os.path.exists(target):
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fs = pio.fsspec_filesystem(source, s3)
-    raw = pio.strip_scheme(source)
-    tmp = tempfile.mkdtemp(prefix=".dl-", dir=os.path.dirname(target))
-    local = os.path.join(tmp, os.path.basename(target))
-    if fs.isdir(raw):
-        fs.get(raw.rstrip("/") + "/", local, recursive=True)
-    else:
-        fs.get(raw, local)
-    try:
-        os.rename(local, target)
-    except OSError:
-        if not os.path.exists(target):
-            raise
-    return target
+    return pio.fetch_to_local(source, target, s3)
 
 
 def load_job_encoder(spec: ModelSpec):

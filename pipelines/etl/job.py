@@ -59,21 +59,16 @@ def _sha(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------
 def _with_local_copy(spec: Any, s3: pio.S3Options, parse: Callable[[Any], Any]) -> Any:
     """Run ``parse`` on ``spec``; an ``s3://`` file is first copied to a temporary local file
-    (clip_core parses local files only) that is removed afterwards."""
+    (clip_core parses local files only) that is removed afterwards. The copy keeps the file's
+    extension (``.txt`` when it has none): the parsers tell JSON from plain lists by it."""
     if not (isinstance(spec, str) and pio.is_s3(spec)):
         return parse(spec)
     import os
     import tempfile
 
-    data = pio.read_bytes(spec, s3)
     suffix = os.path.splitext(spec)[1] or ".txt"
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="clip-etl-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return parse(path)
-    finally:
-        os.unlink(path)
+    with tempfile.TemporaryDirectory(prefix="clip-etl-") as tmp:
+        return parse(pio.fetch_to_local(spec, os.path.join(tmp, "spec" + suffix), s3))
 
 
 def _spec_error(key: str, spec: Any, e: Exception) -> JobError:
@@ -361,7 +356,8 @@ def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
             "num_classes": len(label.classes), "top_k": label.top_k},
         "caption": None if stages.vocabulary is None else {"vocabulary": _sha(stages.vocabulary)},
         "decode": {"max_pixels": cfg.decode.max_pixels, "max_image_bytes": cfg.decode.max_image_bytes,
-                   "exif_transpose": cfg.decode.exif_transpose, "truncate_text": cfg.decode.truncate_text},
+                   "exif_transpose": cfg.decode.exif_transpose, "jpeg_draft": cfg.decode.jpeg_draft,
+                   "truncate_text": cfg.decode.truncate_text},
     }
     plan = plan_to_dict(manifest, shards, cfg.output.shard_size, cfg.input.max_rows, settings)
     plan_path = run.path(PLAN_FILE)
@@ -456,7 +452,7 @@ def _decode_options(run: _Run, manifest, encoder):
         manifest_dirs=manifest.manifest_dirs(), transform=encoder.preprocess,
         tokenizer=encoder_tokenizer(encoder), context_length=int(encoder.context_length),
         drop_columns=tuple(c for c in drop if c), max_pixels=cfg.decode.max_pixels,
-        max_image_bytes=cfg.decode.max_image_bytes, exif_transpose=cfg.decode.exif_transpose,
+        max_image_bytes=cfg.decode.max_image_bytes, exif_transpose=cfg.decode.exif_transpose, jpeg_draft=cfg.decode.jpeg_draft,
         truncate_text=cfg.decode.truncate_text, io_threads=cfg.decode.io_threads, s3=run.s3)
 
 

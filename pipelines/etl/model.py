@@ -36,7 +36,7 @@ def probe_resolution(backend: str, precision: str, device: str) -> dict[str, str
     """What ``auto`` resolves to on the machine this runs on (body of the probe task)."""
     from clip_core.encoders import resolve_backend, resolve_device, resolve_precision
 
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, precision)
     device = resolve_device(device, backend)
     return {"backend": backend, "device": device.split(":")[0],
             "precision": resolve_precision(precision, backend, device)}

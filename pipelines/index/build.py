@@ -59,6 +59,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from clip_core.zero_shot import l2_normalize
+
 from pipelines import storage as pio
 from pipelines.config import RayConfig
 from pipelines.index.open import INDEX_JSON, ShardedIndex, load_shards, merge_topk, read_ids
@@ -241,8 +243,7 @@ def _extract(
         vecs = vecs[finite]
         ids = ids.filter(pa.array(finite))
         rows = rows[finite]
-    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-    vecs = vecs / np.maximum(norms, 1e-12)  # the one copy: Arrow's buffers are read-only
+    vecs = l2_normalize(vecs)  # [m, dim] the one copy: Arrow's buffers are read-only
     counts["kept"] = len(vecs)
     return ids, np.ascontiguousarray(vecs, dtype=np.float32), counts, rows
 
@@ -712,9 +713,8 @@ def _local_view(out_dir: str, names: list[str], s3: S3Options | None) -> Iterato
         yield pio.strip_scheme(out_dir)
         return
     with tempfile.TemporaryDirectory(prefix="clip-etl-index-") as tmp:
-        fs = pio.fsspec_filesystem(out_dir, s3)
         for name in names:
-            fs.get_file(pio.strip_scheme(pio.join(out_dir, name)), os.path.join(tmp, name))
+            pio.fetch_to_local(pio.join(out_dir, name), os.path.join(tmp, name), s3)
         yield tmp
 
 

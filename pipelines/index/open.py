@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from clip_core.zero_shot import l2_normalize
 
 from pipelines import storage as pio
 from pipelines.storage import S3Options
@@ -65,19 +66,10 @@ def _localize(path: str, meta_bytes: bytes, files: list[str], s3: S3Options | No
     key = hashlib.sha256(path.encode() + b"\0" + meta_bytes).hexdigest()[:20]
     local = os.path.join(_cache_root(), key)
     os.makedirs(local, exist_ok=True)
-    fs = pio.fsspec_filesystem(path, s3)
     for name in files:
         dest = os.path.join(local, name)
-        if os.path.exists(dest):
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=local)
-        os.close(fd)
-        try:
-            fs.get_file(pio.strip_scheme(pio.join(path, name)), tmp)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if not os.path.exists(dest):
+            pio.fetch_to_local(pio.join(path, name), dest, s3)
     with open(os.path.join(local, INDEX_JSON), "wb") as f:
         f.write(meta_bytes)
     return local
@@ -156,8 +148,7 @@ def as_queries(queries: np.ndarray, dim: int, normalize: bool = True) -> np.ndar
         raise ValueError(f"queries must be a float32 array [Q, {dim}], got shape {tuple(np.shape(queries))}")
     q = np.ascontiguousarray(q)
     if normalize:
-        norms = np.linalg.norm(q, axis=1, keepdims=True)
-        q = q / np.maximum(norms, 1e-12)
+        q = l2_normalize(q)  # [Q, dim]
     return np.ascontiguousarray(q, dtype=np.float32)
 
 

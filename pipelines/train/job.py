@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from pipelines import storage as pio
 
 DTYPES = ("float32", "float16")
+EVAL_BATCH = 256  # evaluation images per forward: bounds activation memory on a large split
 
 
 @dataclass
@@ -166,10 +167,13 @@ def load_train_data(args: argparse.Namespace, eval_splits: Sequence[str] = ()) -
 def load_prompts(path: str | None) -> dict[str, list[str]] | None:
     if path is None:
         return None
+    from clip_core.prompts import validate_templates
+
     spec = json.loads(Path(path).read_text())
     if not spec.get("classes") or not spec.get("templates"):
         raise ValueError(f"{path}: needs non-empty 'classes' and 'templates'")
-    return {"classes": list(spec["classes"]), "templates": list(spec["templates"])}
+    # checked now, as the classifier will check them, rather than at the first evaluation mid-training
+    return {"classes": list(spec["classes"]), "templates": validate_templates(spec["templates"], source=path)}
 
 
 # ----------------------------------------------------------------------------- model and eval
@@ -188,11 +192,17 @@ def build_model(spec: str, seed: int):
 
 
 def make_eval_fn(model, eval_sets: dict[str, tuple[list[Any], list[str]]], prompts: dict[str, list[str]] | None):
-    """Zero-shot top-1 per evaluation split (``zeroshot_top1/<split>``), or None when nothing to evaluate."""
-    import torch
+    """Zero-shot top-1 per evaluation split (``zeroshot_top1/<split>``), or None when nothing to evaluate.
 
+    Scored by the product's own classifier (:class:`clip_core.zero_shot.ZeroShotClassifier`) over
+    an encoder on the model being trained, so the figure is what labelling with it would give.
+    """
+    import numpy as np
+
+    from clip_core.encoders import encoder_for_model
     from clip_core.preprocess import image_transform
-    from clip_core.train import load_pixels, zero_shot_predict, zero_shot_weights
+    from clip_core.train import load_pixels
+    from clip_core.zero_shot import ZeroShotClassifier
 
     if not prompts or not any(imgs for imgs, _ in eval_sets.values()):
         return None
@@ -205,13 +215,16 @@ def make_eval_fn(model, eval_sets: dict[str, tuple[list[Any], list[str]]], promp
         if unknown:
             raise ValueError(f"split {name!r} has labels missing from the prompt classes: {', '.join(unknown[:5])}")
         if imgs:
-            prepared[name] = (load_pixels(imgs, transform), torch.tensor([index[l] for l in labels]))
+            prepared[name] = (load_pixels(imgs, transform).split(EVAL_BATCH), np.array([index[l] for l in labels]))
 
     def eval_fn(m) -> dict[str, float]:
-        weights = zero_shot_weights(m, classes, prompts["templates"])
+        encoder = encoder_for_model(m)  # built per call: it sets eval mode, which train() undoes after
+        classifier = ZeroShotClassifier(encoder, classes, prompts["templates"])
         out = {}
-        for name, (pixels, targets) in prepared.items():
-            out[f"zeroshot_top1/{name}"] = float((zero_shot_predict(m, pixels, weights) == targets).float().mean())
+        for name, (batches, targets) in prepared.items():
+            embeddings = np.concatenate([encoder.encode_images(b) for b in batches])  # [N, D]
+            predicted = classifier.predict(embeddings, top_k=1).indices[:, 0]  # [N]
+            out[f"zeroshot_top1/{name}"] = float((predicted == targets).mean())
         return out
 
     return eval_fn
