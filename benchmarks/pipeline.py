@@ -10,8 +10,7 @@ What is measured (every figure printed comes from this run; nothing is hard-code
   (a) the ceiling: ``load_encoder(model, backend, precision)`` with the pipeline's
       ``model.backend``/``model.precision`` (``auto``/``auto`` unless overridden, resolved as the
       job resolves them), ``encode_images`` on already-preprocessed pixels, batch 32, median
-      of timed batches after a warm-up batch; with all CPUs, and again with the threads one
-      default model actor gets (``embed.num_cpus``).
+      of timed batches after a warm-up batch, with all CPUs.
   (b) ``clip-etl run`` as a subprocess (embedded Ray; labels, captions and index off): wall time
       from process start to exit, and the job's own record ``OUTPUT/_run.json`` (time per step,
       busy seconds per stage, rows/s over the processing loop). The results are checked: one row
@@ -250,13 +249,12 @@ def describe_photos(files: list[dict]) -> str:
 # (a) the encoder alone
 # --------------------------------------------------------------------------------------------
 def pipeline_settings(overrides: list[str]) -> dict:
-    """What the job will use: model.backend/precision and the model threads of one actor
-    (``embed.num_cpus``, as pipelines/etl/job.py passes them on a CPU-only cluster)."""
+    """What the job will use: model.backend/precision and the model batch (the actors' threads
+    and CPUs are decided by the job on its cluster, and read back from ``_run.json``)."""
     from pipelines.config import load_config
 
     cfg = load_config(None, [o for o in overrides if not o.startswith(("input.", "output."))])
-    return {"backend": cfg.model.backend, "precision": cfg.model.precision,
-            "actor_threads": max(1, int(cfg.embed.num_cpus)), "embed_batch": cfg.embed.batch_size}
+    return {"backend": cfg.model.backend, "precision": cfg.model.precision, "embed_batch": cfg.embed.batch_size}
 
 
 def load_ours(model_dir: Path, settings: dict, threads: int | None):
@@ -479,8 +477,8 @@ def print_job_details(b: dict, unit: str) -> None:
         print(f"    stage busy seconds, summed over tasks/actors: {per}")
     m = b["model"] or {}
     print(f"    model as run: backend {m.get('backend')}, precision {m.get('precision')}, device {m.get('device')}; "
-          f"model threads per actor {b['actor_threads']} (embed.num_cpus; _run.json model.num_threads = "
-          f"{m.get('num_threads')} is the driver's check copy)")
+          f"model threads per actor {m.get('num_threads')}, CPUs reserved per actor "
+          f"{(b['ray'] or {}).get('cpus_per_actor')}, per decode task {(b['ray'] or {}).get('cpus_per_decode_task')}")
     print(f"    ray: {b['ray']}")
     if b.get("notes"):
         print(f"    notes: {b['notes']}")
@@ -532,14 +530,10 @@ def images_part(args, work: Path, model_dir: Path, settings: dict, hf) -> dict:
     res["a"] = {**ceiling_images(enc, paths, args.rounds), "load_s": load_s}
     rows = [("a", f"(a) encode_images, {enc.backend}/{enc.precision}, {enc.num_threads} threads, "
                   "preprocessed, batch 32")]
-    if settings["actor_threads"] != enc.num_threads:
-        enc1, _ = load_ours(model_dir, settings, settings["actor_threads"])
-        res["a_actor"] = ceiling_images(enc1, paths, args.rounds)
-        rows.append(("a_actor", f"(a) same, {enc1.num_threads} thread(s) = one default model actor (embed.num_cpus)"))
     del enc
     print(f"[images] (a) {res['a']['per_s']:.1f} img/s; (b) clip-etl run ...", flush=True)
     job = run_job("images", manifest, work, model_dir, args.override, args.timeout)
-    res["b"] = {**job_summary(job, len(paths)), "actor_threads": settings["actor_threads"]}
+    res["b"] = job_summary(job, len(paths))
     res["b"]["check"] = check_results(job["out"], manifest, "image_embedding")
     rows.append(("b", f"(b) clip-etl run, start to exit ({res['b']['wall_s']:.1f} s)"))
     res["b_loop"] = {"per_s": res["b"]["loop_per_s"]}
@@ -571,7 +565,7 @@ def texts_part(args, work: Path, model_dir: Path, settings: dict, hf) -> dict:
     del enc
     print(f"[texts] (a) {res['a']['per_s']:.1f} texts/s; (b) clip-etl run ...", flush=True)
     job = run_job("texts", manifest, work, model_dir, args.override, args.timeout)
-    res["b"] = {**job_summary(job, n), "actor_threads": settings["actor_threads"]}
+    res["b"] = job_summary(job, n)
     res["b"]["check"] = check_results(job["out"], manifest, "text_embedding")
     rows.append(("b", f"(b) clip-etl run, start to exit ({res['b']['wall_s']:.1f} s)"))
     res["b_loop"] = {"per_s": res["b"]["loop_per_s"]}
@@ -602,8 +596,8 @@ def parse_args(argv):
     p.add_argument("--skip-images", action="store_true", help="no image part")
     p.add_argument("--skip-texts", action="store_true", help="no text part")
     p.add_argument("--override", action="append", default=[], metavar="section.key=value",
-                   help="extra clip-etl run override, repeatable (e.g. model.precision=fp32, embed.num_cpus=2); "
-                        "model.backend/precision and embed.num_cpus also apply to (a)")
+                   help="extra clip-etl run override, repeatable (e.g. model.precision=fp32, embed.num_cpus=1); "
+                        "model.backend/precision also apply to (a)")
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "clip-etl-bench-data"),
                    help="cache of generated photos and the model folder (default: <tmp>/clip-etl-bench-data)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per clip-etl run before it is killed")

@@ -52,6 +52,7 @@ __all__ = [
     "EncoderError",
     "available_cpus",
     "cpu_has_native_bf16",
+    "cpu_info",
     "encoder_for_model",
     "load_encoder",
     "resolve_backend",
@@ -74,6 +75,25 @@ class EncoderError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Resolving device, precision and threads.
 # --------------------------------------------------------------------------------------------
+# The CPU flags that decide a fast path; recorded with the run's resolved model.
+FAST_PATH_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict[str, Any]:
+    """This CPU's model name and which of :data:`FAST_PATH_FLAGS` it has (from /proc/cpuinfo)."""
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": name, "flags": [f for f in FAST_PATH_FLAGS if f in flags]}
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16).
 
@@ -81,15 +101,7 @@ def cpu_has_native_bf16() -> bool:
     matmul measured 16x slower, the ViT-B/32 image tower 7x), so ``precision="auto"`` picks bf16
     only where this is true.
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
 
 
 def available_cpus() -> int:

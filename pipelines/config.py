@@ -98,8 +98,13 @@ class DecodeConfig:
     batch_size: int = 32
     # Parallel decode tasks. null: as many as the cluster's free CPUs allow.
     concurrency: Optional[int] = None
-    # CPUs reserved per decode task.
-    num_cpus: float = 1.0
+    # Where images are decoded: "tasks" (CPU tasks feeding the model actors through the object
+    # store), "actors" (each model actor decodes its own batches on its model's cores), or "auto"
+    # (actors when the model runs on CPUs, tasks beside GPU actors).
+    placement: str = "auto"
+    # CPUs reserved per decode task: "auto" (1 beside GPU actors; beside CPU actors the share of a
+    # node they leave to decoding, at most 1) or a number.
+    num_cpus: Union[float, str] = "auto"
     # Files fetched ahead per decode task (hides S3 latency); decoding itself is one thread per task.
     io_threads: int = 8
     # Largest image in pixels (width * height); bigger ones are errors ("too large").
@@ -123,8 +128,9 @@ class EmbedConfig:
     batch_size: int = 64
     # Number of model actors (each holds one copy of the model).
     actors: int = 1
-    # CPUs reserved per actor; also the actor's torch/onnxruntime thread count on CPU.
-    num_cpus: float = 1.0
+    # CPUs reserved per actor: "auto" (1 for a GPU actor; a CPU actor takes its share of a node
+    # less a quarter left to decoding) or a number. On CPU the model runs ceil(num_cpus) threads.
+    num_cpus: Union[float, str] = "auto"
     # GPUs per actor: "auto" = 1 when the cluster has GPUs and 0 otherwise, or a number.
     num_gpus: Union[float, str] = "auto"
     # Embed the image column (when the manifest has one).
@@ -474,15 +480,15 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"config key {key!r} must be >= 1 or null, got {value}")
     if cfg.output.lease_timeout_s <= 0:
         raise ConfigError(f"config key 'output.lease_timeout_s' must be > 0, got {cfg.output.lease_timeout_s}")
-    if cfg.decode.num_cpus <= 0:
-        raise ConfigError(f"config key 'decode.num_cpus' must be > 0, got {cfg.decode.num_cpus}")
-    if cfg.embed.num_cpus <= 0:
-        raise ConfigError(f"config key 'embed.num_cpus' must be > 0, got {cfg.embed.num_cpus}")
-    gpus = cfg.embed.num_gpus
-    if isinstance(gpus, str) and gpus != "auto":
-        raise ConfigError(f"config key 'embed.num_gpus' must be 'auto' or a number, got {gpus!r}")
-    if not isinstance(gpus, str) and gpus < 0:
-        raise ConfigError(f"config key 'embed.num_gpus' must be >= 0, got {gpus}")
+    if cfg.decode.placement not in ("auto", "tasks", "actors"):
+        raise ConfigError(f"config key 'decode.placement' must be auto, tasks or actors; got {cfg.decode.placement!r}")
+    for key, value, least in (("decode.num_cpus", cfg.decode.num_cpus, "> 0"),
+                              ("embed.num_cpus", cfg.embed.num_cpus, "> 0"),
+                              ("embed.num_gpus", cfg.embed.num_gpus, ">= 0")):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"config key {key!r} must be 'auto' or a number, got {value!r}")
+        if not isinstance(value, str) and (value < 0 or (value == 0 and least == "> 0")):
+            raise ConfigError(f"config key {key!r} must be {least}, got {value}")
     if not 0.0 < cfg.index.target_recall <= 1.0:
         raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
     if cfg.index.memory_budget_gb <= 0:

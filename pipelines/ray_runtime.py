@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from pipelines.config import RayConfig
@@ -25,16 +25,19 @@ class RaySession:
     address: str | None  # cluster address when connected
     cpus: float  # CPUs in the cluster
     gpus: float  # GPUs in the cluster
+    node_cpus: list[float] = field(default_factory=list)  # CPUs of each alive node that has any
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "address": self.address, "cpus": self.cpus, "gpus": self.gpus}
+        return {"mode": self.mode, "address": self.address, "cpus": self.cpus, "gpus": self.gpus,
+                "node_cpus": self.node_cpus}
 
 
 def _describe(mode: str, address: str | None) -> RaySession:
     import ray
 
     res = ray.cluster_resources()
-    return RaySession(mode, address, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+    nodes = sorted(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
+    return RaySession(mode, address, float(res.get("CPU", 0)), float(res.get("GPU", 0)), [c for c in nodes if c > 0])
 
 
 @contextmanager
@@ -75,4 +78,56 @@ def actor_gpus(setting: float | str, session: RaySession) -> float:
     return float(setting)
 
 
-__all__ = ["RaySession", "actor_gpus", "ray_session"]
+# Of a CPU-only node, the share ``auto`` leaves to decode tasks beside the model actors: decoding
+# photos with JPEG draft takes about a fifth of the CPU time of a ViT-B/32 in bf16 (BENCHMARKS.md).
+DECODE_SHARE = 0.25
+# CPUs ``auto`` leaves free on a node for the brief read and write tasks (0.1 each).
+SMALL_TASKS_CPUS = 0.2
+
+
+@dataclass(frozen=True)
+class StageCpus:
+    """CPUs each model actor and each decode task reserves."""
+
+    actor: float
+    decode: float
+
+
+def decode_in_actors(placement: str, gpus: float) -> bool:
+    """``decode.placement``: ``auto`` decodes in the model actors when they run on CPUs.
+
+    Why: on the same cores, a decode task slows a multi-threaded CPU model far more than the CPU
+    time it takes (measured on 2 CPUs: ViT-B/32 with 2 threads beside one decode task needed
+    1.7x its busy time; BENCHMARKS.md), while the actor decoding its own batch with the model's
+    threads, then embedding it, keeps every core busy with one thing at a time. Beside GPU
+    actors decoding is what the CPUs are for, in tasks that scale with the cluster.
+    """
+    return placement == "actors" or (placement == "auto" and gpus == 0)
+
+
+def stage_cpus(embed_setting: float | str, decode_setting: float | str, gpus: float, actors: int,
+               session: RaySession, decode_in_actor: bool = False) -> StageCpus:
+    """Resolve ``embed.num_cpus`` / ``decode.num_cpus`` (``"auto"`` or numbers).
+
+    Beside GPU actors a CPU is one actor's feeder and one decode task's worker. Without GPUs the
+    model and decoding share the nodes' CPUs: a model runs as many threads as it reserves, so a
+    fixed 1 CPU per actor would leave most of a node idle. ``auto`` gives each actor its share of
+    a node (the actors spread over the nodes) less :data:`DECODE_SHARE` of it (at least half a
+    CPU) and :data:`SMALL_TASKS_CPUS`, and decode tasks that share, at most one CPU each: on a
+    2-CPU machine the model runs 2 threads (1.3 reserved) and one decode task at a time (0.5).
+    When the actors decode themselves (``decode_in_actor``), no share is left to decoding: on 2
+    CPUs an actor reserves 1.8 and runs 2 threads for both.
+    """
+    if gpus > 0 or not session.node_cpus:
+        return StageCpus(1.0 if embed_setting == "auto" else float(embed_setting),
+                         1.0 if decode_setting == "auto" else float(decode_setting))
+    node = max(session.node_cpus)
+    per_node = -(-actors // len(session.node_cpus))  # ceil: actors per node when spread
+    share = node / per_node
+    decode_share = 0.0 if decode_in_actor else max(0.5, DECODE_SHARE * share)
+    actor = max(0.5, share - decode_share - SMALL_TASKS_CPUS / per_node)
+    return StageCpus(actor if embed_setting == "auto" else float(embed_setting),
+                     min(1.0, max(0.5, decode_share)) if decode_setting == "auto" else float(decode_setting))
+
+
+__all__ = ["RaySession", "StageCpus", "actor_gpus", "decode_in_actors", "ray_session", "stage_cpus"]

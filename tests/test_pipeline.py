@@ -8,6 +8,7 @@ captioner run directly.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -152,6 +153,25 @@ def test_run_record(full_run, tiny_checkpoint):
     assert {"read", "decode", "embed", "write"} <= set(record["timings"]["stage_busy_s"])
     plan = json.loads((full_run["out"] / "_plan.json").read_text())
     assert [tuple(s) for s in plan["shards"]] == [(0, 0, 10), (0, 10, 20), (0, 20, 24)]
+    # CPU actors decode their own batches, with as many model threads as they reserve CPUs (ceil)
+    ray_info, model = record["ray"], record["model"]
+    assert ray_info["decode"] == "actors" and ray_info["cpus_per_decode_task"] is None
+    assert model["num_threads"] == math.ceil(ray_info["cpus_per_actor"])
+    assert isinstance(model["actor_cpu"]["flags"], list)  # the CPU flags `auto` was decided on
+
+
+def test_decode_tasks_give_the_same_results_as_decoding_in_the_actors(full_run, dataset, tiny_checkpoint, tmp_path):
+    out = tmp_path / "tasks"
+    assert cli.main(["run", *_job_args(dataset["manifest"], out, tiny_checkpoint, "decode.placement=tasks",
+                                       "embed.num_cpus=1", "decode.num_cpus=0.5")]) == 0
+    record = json.loads((out / "_run.json").read_text())
+    assert record["ray"]["decode"] == "tasks" and record["ray"]["cpus_per_decode_task"] == 0.5
+    assert record["model"]["num_threads"] == 1
+    a, b = read_results(full_run["out"]), read_results(out)
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    # same pixels either way; only the model's thread count differs (1 vs 2: float sums may reorder)
+    np.testing.assert_allclose(embeddings(a, "image_embedding"), embeddings(b, "image_embedding"), atol=1e-6)
+    assert a.column("label").to_pylist() == b.column("label").to_pylist()
 
 
 def test_rerun_of_a_finished_output_rewrites_nothing(full_run, dataset, tiny_checkpoint, capsys):

@@ -431,3 +431,33 @@ def test_pixel_limit_applies_to_real_images_and_can_be_disabled():
 def test_default_limit_is_sane():
     assert DEFAULT_MAX_PIXELS == 2 * 89_478_485
     assert 100_000_000 < DEFAULT_MAX_PIXELS < 250_000_000
+
+
+def _photo_jpeg(size: tuple[int, int]) -> bytes:
+    """A smooth JPEG with edges (a gradient and a disc): what draft decoding is for."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1).astype(np.uint8)
+    img = Image.fromarray(arr)
+    ImageDraw.Draw(img).ellipse([w // 4, h // 4, w // 2, h // 2], fill=(250, 20, 40))
+    return encode(img, "JPEG", quality=90)
+
+
+def test_jpeg_draft_decodes_at_a_dct_scale_that_keeps_the_size_asked():
+    data = _photo_jpeg((1600, 1200))
+    assert load_image(data).size == (1600, 1200)
+    # 1200 // 448 = 2: the largest DCT scale (1/2, 1/4, 1/8) keeping both sides >= 448 is 1/2
+    assert load_image(data, draft_size=448).size == (800, 600)
+    assert load_image(data, draft_size=100).size == (200, 150)  # 1/8, the smallest libjpeg has
+    assert load_image(data, draft_size=1000).size == (1600, 1200)  # 1200 < 2 * 1000: full decode
+    png = encode(Image.open(io.BytesIO(data)).convert("RGB"), "PNG")
+    assert load_image(png, draft_size=448).size == (1600, 1200)  # not a JPEG: ignored
+
+
+def test_jpeg_draft_then_exact_resize_stays_close_to_the_full_decode():
+    data = _photo_jpeg((2000, 1500))
+    exact = resize_crop(load_image(data), 224).astype(np.int16)
+    draft = resize_crop(load_image(data, draft_size=448), 224).astype(np.int16)
+    assert exact.shape == draft.shape == (224, 224, 3)
+    assert np.abs(exact - draft).mean() < 1.5  # measured 0.3 here; BENCHMARKS.md has embedding cosines
+    assert not np.array_equal(exact, draft)  # the draft did decode differently

@@ -79,8 +79,25 @@ class DecodeOptions:
     exif_transpose: bool = False  # apply EXIF orientation
     jpeg_draft: bool = True  # JPEGs decode at a DCT scale keeping >= 2x the model's resolution
     truncate_text: bool = True  # cut long texts instead of failing them
-    io_threads: int = 8  # fetches in flight within one task (decoding itself uses the task's one thread)
+    io_threads: int = 8  # fetches in flight within one task
+    decode_threads: int = 1  # images decoded at once: 1 in a decode task; the model's threads in a CPU actor
     s3: pio.S3Options | None = None  # S3 settings for s3:// image URIs
+
+
+# Decoded pixels per block: a few MiB, so decode tasks run side by side and the model starts on
+# the first block while later ones decode (see ``read.ManifestDatasource``).
+BLOCK_BYTES = 8 * 1024 * 1024
+TEXT_BLOCK_ROWS = 1024  # texts only: tokenizing is cheap, and fewer blocks cost the driver less
+
+
+def block_rows(resolution: int | None, batch_size: int) -> int:
+    """Manifest rows per block: :data:`BLOCK_BYTES` of uint8 pixels at ``resolution`` (None: no
+    images), rounded up to whole decode batches."""
+    if resolution is None:
+        rows = TEXT_BLOCK_ROWS
+    else:
+        rows = max(1, BLOCK_BYTES // (resolution * resolution * 3))
+    return max(1, -(-rows // batch_size)) * batch_size
 
 
 class RowError(Exception):
@@ -203,7 +220,8 @@ def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> t
 
     Fetches run ahead in ``io_threads`` threads; decoding and resizing run in the calling thread,
     one image at a time, so a task that reserves one CPU keeps to one CPU and never competes
-    with the model's threads.
+    with the model's threads. With ``decode_threads`` > 1 (decoding inside a CPU model actor,
+    while its model is idle) that many threads fetch and decode; PIL releases the GIL for both.
     """
     pixels: list[bytes | None] = [None] * len(values)
     errors: list[str | None] = [None] * len(values)
@@ -214,14 +232,21 @@ def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> t
         except RowError as e:
             return e
 
-    todo = [i for i, v in enumerate(values) if v is not None]
-    for i, fetched in zip(todo, _prefetched(fetch, todo, opts.io_threads)):
+    def decode(i: int, fetched: tuple[bytes, str] | RowError) -> None:
         try:
             if isinstance(fetched, RowError):
                 raise fetched
             pixels[i] = decode_fetched(*fetched, opts).tobytes()
         except RowError as e:
             errors[i] = f"image.{e.cause}: {e.detail}"
+
+    todo = [i for i, v in enumerate(values) if v is not None]
+    if opts.decode_threads > 1:  # in a CPU model actor, between its batches: the model's cores
+        with ThreadPoolExecutor(max_workers=opts.decode_threads) as pool:
+            list(pool.map(lambda i: decode(i, fetch(i)), todo))
+        return pixels, errors
+    for i, fetched in zip(todo, _prefetched(fetch, todo, opts.io_threads)):
+        decode(i, fetched)
     return pixels, errors
 
 
@@ -339,6 +364,7 @@ __all__ = [
     "RowError",
     "TEXT_ERROR_COL",
     "TOKENS_COL",
+    "block_rows",
     "decode_batch",
     "decode_dataset",
     "decode_fetched",

@@ -73,6 +73,12 @@ def localize_checkpoint(source: str, s3: pio.S3Options | None = None) -> str:
     return pio.fetch_to_local(source, target, s3)
 
 
+def actor_threads(num_cpus: float) -> int:
+    """The model's CPU threads in an actor that reserves ``num_cpus``: a fraction of a core
+    still runs a thread, so 1.5 CPUs is 2 threads (the rest of that core goes to decode tasks)."""
+    return max(1, math.ceil(num_cpus))
+
+
 def load_job_encoder(spec: ModelSpec):
     """The encoder for a model spec (driver check and actors share this)."""
     from clip_core.encoders import load_encoder
@@ -245,12 +251,16 @@ def _text_fn(encoder):
 
 class EmbedActor:
     """Ray Data actor: loads the encoder (and the label/caption text embeddings) once, then runs
-    :func:`embed_batch` on every batch it is given."""
+    :func:`embed_batch` on every batch it is given; with ``decode`` it first decodes the batch
+    itself (CPU actors, see :func:`pipelines.ray_runtime.stage_cpus`)."""
 
-    def __init__(self, model: ModelSpec, stages: StageSpec):
+    def __init__(self, model: ModelSpec, stages: StageSpec, decode: Any = None):
+        from pipelines.etl.decode import DecodeFn
+
         t0 = time.perf_counter()
         self.encoder = load_job_encoder(model)
         self.stages = stages
+        self.decode = DecodeFn(decode) if decode is not None else None
         self.classifier = build_classifier(self.encoder, stages.label) if stages.label is not None else None
         self.captioner = (
             build_captioner(self.encoder, stages.caption_vocabulary) if stages.caption else None
@@ -260,6 +270,8 @@ class EmbedActor:
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipelines.etl.read import add_stage_time
 
+        if self.decode is not None:
+            table = self.decode(table)
         t0 = time.perf_counter()
         out = embed_batch(table, self.encoder, self.stages, classifier=self.classifier, captioner=self.captioner)
         out = add_stage_time(out, "embed", time.perf_counter() - t0)
@@ -281,13 +293,15 @@ def embed_dataset(
     batch_size: int,
     num_cpus: float,
     num_gpus: float,
+    decode: Any = None,
 ):
-    """Thin Ray wrapper: the model stage as a fixed pool of :class:`EmbedActor`."""
+    """Thin Ray wrapper: the model stage as a fixed pool of :class:`EmbedActor` (decoding in the
+    actors when ``decode``, the decode options, is given)."""
     import ray.data
 
     return ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"model": model, "stages": stages},
+        fn_constructor_kwargs={"model": model, "stages": stages, "decode": decode},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=int(batch_size),
         batch_format="pyarrow",
@@ -298,6 +312,7 @@ def embed_dataset(
 
 
 __all__ = [
+    "actor_threads",
     "ACTOR_INFO_COL",
     "EmbedActor",
     "ModelSpec",

@@ -28,7 +28,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -193,6 +193,8 @@ class _Run:
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     lease: Any = None
+    cpus: Any = None  # ray_runtime.StageCpus: what each model actor and decode task reserves
+    decode_in_actors: bool = False  # the model actors decode their own batches (CPU actors)
 
     @property
     def out(self) -> str:
@@ -233,9 +235,10 @@ class _Stages:
 
 def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> dict[str, Any]:
     """The steps in the order the data meets them; every job-level check comes before compute."""
+    from pipelines.etl.embed import actor_threads
     from pipelines.etl.lease import LeaseHeldError, OutputLease
     from pipelines.etl.write import committed_parts
-    from pipelines.ray_runtime import actor_gpus, ray_session
+    from pipelines.ray_runtime import actor_gpus, decode_in_actors, ray_session, stage_cpus
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
@@ -255,6 +258,9 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             session = stack.enter_context(ray_session(cfg.ray))
         with stack:
             gpus = actor_gpus(cfg.embed.num_gpus, session)
+            run.decode_in_actors = decode_in_actors(cfg.decode.placement, gpus)
+            run.cpus = stage_cpus(cfg.embed.num_cpus, cfg.decode.num_cpus, gpus, cfg.embed.actors, session,
+                                  run.decode_in_actors)
             with run.timed("model_check_s"):
                 resolved, encoder = _resolve_model(run, gpus)
             with run.timed("id_check_s"):
@@ -264,14 +270,18 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             done = committed_parts(run.path(RESULTS_DIR), shards, run.s3)
             pending = [s for s in shards if s.index not in done]
             need_index = _prepare_output(run, shards, done, pending)
-            committed, ray_info = {}, {**session.to_dict(), "actors": cfg.embed.actors, "gpus_per_actor": gpus}
+            committed, ray_info = {}, {**session.to_dict(), "actors": cfg.embed.actors, "gpus_per_actor": gpus,
+                                       "cpus_per_actor": run.cpus.actor,
+                                       "decode": "actors" if run.decode_in_actors else "tasks",
+                                       "cpus_per_decode_task": None if run.decode_in_actors else run.cpus.decode}
             if pending:
                 committed, info = _process(run, manifest, shards, pending, encoder, resolved, stages, gpus)
                 ray_info.update(info)
             else:
                 log("[clip-etl] nothing to process: every shard is committed")
             counts = _counts(run, shards, done, committed, resolved)
-            model_info = {**_model_info(encoder), **resolved.to_dict()}
+            model_info = {**_model_info(encoder), **resolved.to_dict(), "actor_cpu": resolved.cpu,
+                          "num_threads": actor_threads(run.cpus.actor) if gpus == 0 else None}
             index_summary = _index_step(run, need_index, counts, model_info)
         # the record and _SUCCESS are written while the lease is held: no other run can interleave
         run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -401,8 +411,8 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     """Step 6: read -> decode -> embed -> write pieces on the cluster; the driver commits shards
     from the pieces' metadata. Returns (counts per committed shard, Ray facts for the record)."""
     from pipelines.etl.commit import ModelMismatchError, ShardCommitter
-    from pipelines.etl.decode import DECODE_ENV, decode_dataset
-    from pipelines.etl.embed import ModelSpec, StageSpec, embed_dataset
+    from pipelines.etl.decode import DECODE_ENV, block_rows, decode_dataset
+    from pipelines.etl.embed import ModelSpec, StageSpec, actor_threads, embed_dataset
     from pipelines.etl.read import read_dataset
     from pipelines.etl.write import PIECES_DIR, PieceWriter, result_schema, write_pieces
 
@@ -410,14 +420,21 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     schema = result_schema(manifest, int(encoder.embed_dim), images=stages.images, texts=stages.texts,
                            label=stages.label is not None, caption=stages.caption)
     model = ModelSpec(cfg.model.checkpoint, resolved.backend, resolved.precision, device=resolved.device,
-                      num_threads=max(1, int(cfg.embed.num_cpus)) if gpus == 0 else None, s3=run.s3)
+                      num_threads=actor_threads(run.cpus.actor) if gpus == 0 else None, s3=run.s3)
     stage_spec = StageSpec(images=stages.images, texts=stages.texts, label=stages.label,
                            caption=stages.caption, caption_vocabulary=stages.vocabulary)
-    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV})
-    ds = decode_dataset(ds, _decode_options(run, manifest, encoder), batch_size=cfg.decode.batch_size,
-                        num_cpus=cfg.decode.num_cpus, concurrency=cfg.decode.concurrency)
+    # bytes images are read with their shard: a smaller read would re-read the shard's row groups
+    rows = None if manifest.image_is_bytes else block_rows(int(encoder.image_size) if stages.images else None,
+                                                           cfg.decode.batch_size)
+    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows)
+    decode = _decode_options(run, manifest, encoder)
+    if run.decode_in_actors:
+        decode = replace(decode, decode_threads=actor_threads(run.cpus.actor))
+    else:
+        ds = decode_dataset(ds, decode, batch_size=cfg.decode.batch_size, num_cpus=run.cpus.decode,
+                            concurrency=cfg.decode.concurrency)
     ds = embed_dataset(ds, model, stage_spec, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,
-                       num_cpus=cfg.embed.num_cpus, num_gpus=gpus)
+                       num_cpus=run.cpus.actor, num_gpus=gpus, decode=decode if run.decode_in_actors else None)
     pieces_dir = run.path(PIECES_DIR)
     ds = write_pieces(ds, PieceWriter(pieces_dir, schema, run.tmp_prefix, run.s3))
     done_rows = sum(s.num_rows for s in shards) - sum(s.num_rows for s in pending)

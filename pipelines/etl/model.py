@@ -12,7 +12,7 @@ fails the run (:mod:`pipelines.etl.commit`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import storage as pio
@@ -27,19 +27,24 @@ class ResolvedModel:
     precision: str  # fp32 | fp16 | bf16 | int8
     device: str  # cpu | cuda (the kind; each actor takes its own GPU)
     fingerprint: str  # of the encoder those settings give
+    # the actor node's CPU model and fast-path flags that ``auto`` was decided on: recorded in
+    # _run.json, not compared on resume (another CPU that resolves alike gives the same numbers)
+    cpu: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings a resume must match (what the plan records and the actors report)."""
+        return {"backend": self.backend, "precision": self.precision, "device": self.device,
+                "fingerprint": self.fingerprint}
 
 
-def probe_resolution(backend: str, precision: str, device: str) -> dict[str, str]:
-    """What ``auto`` resolves to on the machine this runs on (body of the probe task)."""
-    from clip_core.encoders import resolve_backend, resolve_device, resolve_precision
+def probe_resolution(backend: str, precision: str, device: str) -> dict[str, Any]:
+    """What ``auto`` resolves to on the machine this runs on, and that machine's CPU (body of the probe task)."""
+    from clip_core.encoders import cpu_info, resolve_backend, resolve_device, resolve_precision
 
     backend = resolve_backend(backend, device, precision)
     device = resolve_device(device, backend)
     return {"backend": backend, "device": device.split(":")[0],
-            "precision": resolve_precision(precision, backend, device)}
+            "precision": resolve_precision(precision, backend, device), "cpu": cpu_info()}
 
 
 def requested_backend(cfg: PipelineConfig, s3: pio.S3Options) -> str:
@@ -52,7 +57,7 @@ def requested_backend(cfg: PipelineConfig, s3: pio.S3Options) -> str:
     return read_export_config(path)["backend"] if is_export_dir(path) else cfg.model.backend
 
 
-def resolve_on_actor_node(backend: str, precision: str, gpus: float) -> dict[str, str]:
+def resolve_on_actor_node(backend: str, precision: str, gpus: float) -> dict[str, Any]:
     """Run :func:`probe_resolution` in a Ray task that has the resources of one model actor."""
     import ray
 
@@ -82,7 +87,7 @@ def resolve_model(cfg: PipelineConfig, gpus: float, s3: pio.S3Options, load) -> 
     resolved = resolve_on_actor_node(requested_backend(cfg, s3), cfg.model.precision, gpus)
     encoder = load(resolved["backend"], driver_precision(resolved))
     fp = expected_fingerprint(encoder, resolved["backend"], resolved["precision"])
-    return ResolvedModel(resolved["backend"], resolved["precision"], resolved["device"], fp), encoder
+    return ResolvedModel(resolved["backend"], resolved["precision"], resolved["device"], fp, resolved["cpu"]), encoder
 
 
 __all__ = ["ResolvedModel", "expected_fingerprint", "probe_resolution", "requested_backend", "resolve_model",

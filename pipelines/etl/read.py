@@ -427,14 +427,33 @@ def read_shard(
 # Ray wrapper
 # --------------------------------------------------------------------------------------------
 class ManifestDatasource(Datasource):
-    """One Ray Data read task per pending shard; each returns that shard's rows as one block."""
+    """Ray Data read tasks over the pending shards: one per ``block_rows`` rows of a shard (one
+    per shard when None), each returning its rows as one block.
 
-    def __init__(self, manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None):
+    Why blocks smaller than a shard: a block is what one decode task decodes and what reaches the
+    model actor whole. One 10,000-row block would be decoded by one task on one core while the
+    model waits, and embedded only once all of it is decoded; blocks of a few MiB of pixels let
+    several decode tasks run at once and the model start on the first. The split is made here
+    because Ray Data merges what one read task returns up to its target block size (128 MiB),
+    and its streaming repartition runs as tasks that each reserve a whole CPU.
+    """
+
+    def __init__(self, manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None,
+                 block_rows: int | None = None):
         super().__init__()
         self._manifest = manifest
         self._shards = list(shards)
         self._s3 = s3
         self._columns = manifest.read_columns()
+        self._block_rows = block_rows
+
+    def blocks(self) -> list[Shard]:
+        """The row ranges read tasks read: each shard cut into ``block_rows`` pieces (same index)."""
+        step = self._block_rows
+        if not step:
+            return self._shards
+        return [Shard(s.index, s.file, lo, min(lo + step, s.stop)) for s in self._shards
+                for lo in range(s.start, s.stop, step)]
 
     def get_name(self) -> str:
         return "ReadManifestShards"
@@ -453,7 +472,7 @@ class ManifestDatasource(Datasource):
         tasks = []
         est = self.estimate_inmemory_data_size() or 0
         planned = sum(s.num_rows for s in self._shards) or 1
-        for shard in self._shards:
+        for shard in self.blocks():
             file = self._manifest.files[shard.file]
             meta = BlockMetadata(
                 num_rows=shard.num_rows,
@@ -483,6 +502,9 @@ class _ShardReader:
         return [add_stage_time(table, "read", seconds)]
 
 
+READ_CPUS = 0.1  # CPUs a manifest read task reserves
+
+
 def add_stage_time(table: pa.Table, stage: str, seconds: float) -> pa.Table:
     """Tag a batch with the busy seconds one stage spent on it (first row holds the total), so the
     driver can report per-stage time without a side channel; the column is dropped on write."""
@@ -497,15 +519,19 @@ def add_stage_time(table: pa.Table, stage: str, seconds: float) -> pa.Table:
 
 
 def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None,
-                 runtime_env: dict | None = None):
-    """A Ray Dataset over the pending shards (thin wrapper over :class:`ManifestDatasource`).
+                 runtime_env: dict | None = None, block_rows: int | None = None):
+    """A Ray Dataset over the pending shards in blocks of at most ``block_rows`` rows (thin wrapper
+    over :class:`ManifestDatasource`).
 
-    ``runtime_env`` should match the decode tasks' so both run in the same pool of workers.
+    ``runtime_env`` should match the decode tasks' so both run in the same pool of workers. A read
+    task reserves :data:`READ_CPUS`: it reads one shard's manifest rows (paths and texts, not
+    images), so a whole CPU for it would only keep model actors or decode tasks from starting.
     """
     import ray.data
 
-    return ray.data.read_datasource(ManifestDatasource(manifest, shards, s3), override_num_blocks=max(1, len(shards)),
-                                    runtime_env=runtime_env)
+    source = ManifestDatasource(manifest, shards, s3, block_rows)
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.blocks())), runtime_env=runtime_env,
+                                    num_cpus=READ_CPUS)
 
 
 __all__ = [

@@ -151,10 +151,12 @@ class PieceWriter:
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
-def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.5):
+def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.1):
     """Thin Ray wrapper: the write stage as stateless tasks after the model actors. Ray Data's
     default placement spreads small tasks over the nodes and keeps large blocks where they are,
-    so each node writes what its actors produced."""
+    so each node writes what its actors produced. A write is brief (a few hundred rows of
+    embeddings compressed and stored), so it reserves little CPU: the model actors may take the
+    rest of a node without leaving the writes unscheduled."""
     return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
                           zero_copy_batch=True)
 

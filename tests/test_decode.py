@@ -1,0 +1,73 @@
+"""The decode stage's own mechanics: decoding stays on the task's one thread while fetches run
+ahead (bounded), and ``jpeg_draft`` is the fast path with the exact path one setting away."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from clip_core.preprocess import image_transform, load_image, resize_crop
+from clip_core.tokenizer import get_default_tokenizer
+from pipelines.etl import decode as decode_mod
+from pipelines.etl.decode import DecodeOptions, decode_images
+
+
+def _options(root, **kw) -> DecodeOptions:
+    return DecodeOptions(image_column="image", text_column=None, manifest_dirs=[str(root)],
+                         transform=image_transform(32), tokenizer=get_default_tokenizer(), context_length=77, **kw)
+
+
+def _write_jpegs(root, n: int, size=(400, 300)) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n):
+        arr = np.clip(rng.normal(128, 40, (size[1] // 10, size[0] // 10, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).resize(size, Image.BICUBIC).save(root / f"{i}.jpg", quality=90)
+        names.append(f"{i}.jpg")
+    return names
+
+
+def test_decoding_runs_on_the_calling_thread_and_fetches_are_bounded(tmp_path, monkeypatch):
+    names = _write_jpegs(tmp_path, 12)
+    decode_threads, in_flight, peak = set(), [0], [0]
+    lock = threading.Lock()
+    real_fetch, real_decode = decode_mod.fetch_image_bytes, decode_mod.decode_fetched
+
+    def slow_fetch(value, manifest_dir, opts):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.02)
+        try:
+            return real_fetch(value, manifest_dir, opts)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    def recording_decode(data, where, opts):
+        decode_threads.add(threading.get_ident())
+        return real_decode(data, where, opts)
+
+    monkeypatch.setattr(decode_mod, "fetch_image_bytes", slow_fetch)
+    monkeypatch.setattr(decode_mod, "decode_fetched", recording_decode)
+    pixels, errors = decode_images(names + ["missing.jpg", None], [0] * 14, _options(tmp_path, io_threads=3))
+    assert decode_threads == {threading.get_ident()}  # one CPU-bound thread per task
+    assert 2 <= peak[0] <= 3  # fetches overlapped, never more than io_threads at once
+    assert all(p is not None for p in pixels[:12]) and errors[:12] == [None] * 12
+    assert errors[12].startswith("image.missing_file") and pixels[12] is None  # order kept around errors
+    assert pixels[13] is None and errors[13] is None  # a null cell is no error
+
+
+def test_jpeg_draft_is_the_default_and_false_is_the_exact_path(tmp_path):
+    names = _write_jpegs(tmp_path, 3, size=(800, 600))  # 600 // 64 = 9: decodes at 1/8
+    exact = [resize_crop(load_image((tmp_path / n).read_bytes()), 32).tobytes() for n in names]
+    full, _ = decode_images(names, [0] * 3, _options(tmp_path, jpeg_draft=False))
+    assert full == exact
+    draft, _ = decode_images(names, [0] * 3, _options(tmp_path))
+    assert draft != exact
+    diff = [np.abs(np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(b, np.uint8)).mean() for a, b in zip(draft, exact)]
+    assert max(diff) < 2.0, diff
