@@ -57,13 +57,14 @@ def requested_backend(cfg: PipelineConfig, s3: pio.S3Options) -> str:
     return read_export_config(path)["backend"] if is_export_dir(path) else cfg.model.backend
 
 
-def resolve_on_actor_node(backend: str, precision: str, gpus: float) -> dict[str, Any]:
-    """Run :func:`probe_resolution` in a Ray task that has the resources of one model actor."""
+def resolve_on_actor_node(backend: str, precision: str, gpus: float):
+    """Start :func:`probe_resolution` in a Ray task that has the resources of one model actor;
+    returns its ObjectRef (``ray.get`` it), so the driver can work while the probe's worker starts."""
     import ray
 
     device = "auto" if gpus > 0 else "cpu"
     task = ray.remote(num_cpus=0, num_gpus=gpus, max_retries=2)(probe_resolution)
-    return ray.get(task.remote(backend, precision, device), timeout=600)
+    return task.remote(backend, precision, device)
 
 
 def expected_fingerprint(encoder: Any, backend: str, precision: str) -> str:
@@ -83,9 +84,21 @@ def driver_precision(resolved: dict[str, str]) -> str:
 
 def resolve_model(cfg: PipelineConfig, gpus: float, s3: pio.S3Options, load) -> tuple[ResolvedModel, Any]:
     """(the resolved model, the driver's CPU encoder for checks); ``load(backend, precision)``
-    loads the checkpoint on the driver."""
-    resolved = resolve_on_actor_node(requested_backend(cfg, s3), cfg.model.precision, gpus)
-    encoder = load(resolved["backend"], driver_precision(resolved))
+    loads the checkpoint on the driver.
+
+    The driver loads its copy while the probe runs, with what ``auto`` means on the driver's own
+    machine (CPU-only), and loads again only when the actors' machine resolves otherwise: on a
+    single machine or a uniform CPU cluster the probe's worker start costs no extra time.
+    """
+    import ray
+
+    requested = requested_backend(cfg, s3)
+    probe = resolve_on_actor_node(requested, cfg.model.precision, gpus)
+    guess = probe_resolution(requested, cfg.model.precision, "cpu") if gpus == 0 else None
+    encoder = load(guess["backend"], driver_precision(guess)) if guess else None
+    resolved = ray.get(probe, timeout=600)
+    if guess is None or (guess["backend"], guess["precision"]) != (resolved["backend"], resolved["precision"]):
+        encoder = load(resolved["backend"], driver_precision(resolved))
     fp = expected_fingerprint(encoder, resolved["backend"], resolved["precision"])
     return ResolvedModel(resolved["backend"], resolved["precision"], resolved["device"], fp, resolved["cpu"]), encoder
 
