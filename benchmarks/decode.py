@@ -36,23 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.photos import cache_key, make_photos  # noqa: E402
 from clip_core import create_model  # noqa: E402
-from clip_core.encoders import load_encoder  # noqa: E402
+from clip_core.encoders import cpu_info, load_encoder  # noqa: E402
 from clip_core.preprocess import load_image, resize_crop  # noqa: E402
 
 
 def cpu_line() -> str:
     """CPU model and the flags that decide the fast paths, for the results table."""
-    name, flags = "unknown", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and name == "unknown":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return f"{name}; flags: {' '.join(f for f in wanted if f in flags)}; {os.cpu_count()} CPUs"
+    info = cpu_info()
+    return f"{info['model']}; flags: {' '.join(info['flags'])}; {os.cpu_count()} CPUs"
 
 
 def crops(paths: list[str], resolution: int, factor: int) -> tuple[np.ndarray, np.ndarray, float, float]:

@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -67,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clip_core.encoders import cpu_info, describe_flags  # noqa: E402
 from photos import cache_key, make_photos  # noqa: E402
 
 IMAGE_BATCH = 32
@@ -76,7 +76,6 @@ TEXT_BATCH = 256
 WARMUP_IMAGES = 4
 WARMUP_TEXTS = 32
 MODEL_SEED = 0
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 # OpenAI's ViT-B/32 (transformers' names).
@@ -101,21 +100,6 @@ WORDS = (
 # --------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------
-def cpu_info() -> dict:
-    """CPU model and the instruction-set flags that decide which kernels torch/onnxruntime use:
-    a throughput figure means little without them."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = m.group(1).strip() if m else model
-        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(m.group(1).split()) if m else set()
-    except OSError:
-        pass
-    return {"model": model, "cpus": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
-
-
 def versions() -> dict:
     """Versions of what does the arithmetic and the plumbing."""
     from importlib import metadata
@@ -138,7 +122,7 @@ def loadavg() -> list[float] | None:
 
 
 def print_header(cpu: dict, ver: dict, args) -> None:
-    flags = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+    flags = describe_flags(cpu)
     print(f"cpu: {cpu['model']}; {cpu['cpus']} CPUs; {flags}")
     print(f"torch {ver.get('torch')}, transformers {ver.get('transformers')}, onnxruntime {ver.get('onnxruntime')}, "
           f"ray {ver.get('ray')}, python {ver['python']}; load average {loadavg()}")

@@ -475,20 +475,6 @@ def run_size(n: int, work: Path, checkpoint: str, images: list[str], args) -> di
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-def cpu_info() -> dict:
-    model, flags = platform.processor() or "?", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = m.group(1).strip() if m else model
-        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(m.group(1).split()) if m else set()
-    except OSError:
-        pass
-    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return {"model": model, "cpus": os.cpu_count(), "flags": {f: f in flags for f in want}}
-
-
 def versions() -> dict:
     from importlib import metadata
 
@@ -618,9 +604,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     import pipelines
+    from clip_core.encoders import cpu_info, describe_flags
 
     cpu = cpu_info()
-    flags = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+    flags = describe_flags(cpu)
     print(f"[scale] code: {Path(pipelines.__file__).parent.parent} (git {git_rev()})")
     print(f"[scale] cpu: {cpu['model']}, {cpu['cpus']} CPUs; {flags}")
     print(f"[scale] versions: {json.dumps(versions())}")

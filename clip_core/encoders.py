@@ -53,6 +53,7 @@ __all__ = [
     "available_cpus",
     "cpu_has_native_bf16",
     "cpu_info",
+    "describe_flags",
     "encoder_for_model",
     "load_encoder",
     "resolve_backend",
@@ -76,11 +77,12 @@ class EncoderError(ValueError):
 # Resolving device, precision and threads.
 # --------------------------------------------------------------------------------------------
 # The CPU flags that decide a fast path; recorded with the run's resolved model.
-FAST_PATH_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+FAST_PATH_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_info() -> dict[str, Any]:
-    """This CPU's model name and which of :data:`FAST_PATH_FLAGS` it has (from /proc/cpuinfo)."""
+    """This CPU's model name and which of :data:`FAST_PATH_FLAGS` it has (from /proc/cpuinfo);
+    every throughput figure is recorded with it (``_run.json``, the benchmarks)."""
     name, flags = None, set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -91,7 +93,12 @@ def cpu_info() -> dict[str, Any]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"model": name, "flags": [f for f in FAST_PATH_FLAGS if f in flags]}
+    return {"model": name, "cpus": available_cpus(), "flags": [f for f in FAST_PATH_FLAGS if f in flags]}
+
+
+def describe_flags(info: dict[str, Any]) -> str:
+    """``avx2=yes, fma=yes, ..., amx_int8=no`` for a :func:`cpu_info` result: what a benchmark prints."""
+    return ", ".join(f"{f}={'yes' if f in info['flags'] else 'no'}" for f in FAST_PATH_FLAGS)
 
 
 def cpu_has_native_bf16() -> bool:
