@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = {"resolution": r, "exact_images_per_s": n / t_exact, "draft_images_per_s": n / t_draft,
                    "speedup": t_exact / t_draft, **pixel_figures(exact, draft), **embedding_figures(enc, exact, draft)}
         results[name] = figures
-        print(f"{name} at {r} px, draft >= {args.factor}x: decode+resize exact {figures['exact_images_per_s']:.1f} images/s, "
+        print(f"{name} at {r} px, draft >= {args.factor}x: "
+              f"decode+resize exact {figures['exact_images_per_s']:.1f} images/s, "
               f"draft {figures['draft_images_per_s']:.1f} images/s (ratio {figures['speedup']:.2f}x); "
               f"pixels mean |diff| {figures['mean_abs_diff']:.2f}, PSNR {figures['psnr_db']:.1f} dB; "
               f"embedding cosine mean {figures['mean_cosine']:.6f}, min {figures['min_cosine']:.6f}")

@@ -1,8 +1,10 @@
-"""Stage 2: fetch, decode and preprocess images, and check and tokenize texts, in CPU tasks.
+"""Stage 2: fetch, decode and preprocess images, and check and tokenize texts.
 
-Why a separate CPU stage: decoding JPEGs and resizing them is CPU work that would starve the
-model actors (and waste GPUs) if done inside them. Ray Data runs this stage as stateless tasks
-that scale with the cluster's CPUs, feeding the actor pool through the object store.
+Where it runs (``decode.placement``): beside GPU actors, in stateless CPU tasks that scale with
+the cluster's CPUs and feed the actor pool through the object store, since decoding JPEGs inside
+the actors would leave the GPUs waiting. Beside CPU actors, in the actors themselves, with the
+model's threads between its batches: on the same cores a decode task slows a multi-threaded CPU
+model by more than the time it takes (see ``pipelines.ray_runtime.decode_in_actors``).
 
 Errors are data: every failure of one row — a missing file, bytes that are not an image, a
 truncated JPEG, a decompression bomb, an empty text — is caught here and recorded in the row's

@@ -469,8 +469,8 @@ def _decode_options(run: _Run, manifest, encoder):
         manifest_dirs=manifest.manifest_dirs(), transform=encoder.preprocess,
         tokenizer=encoder_tokenizer(encoder), context_length=int(encoder.context_length),
         drop_columns=tuple(c for c in drop if c), max_pixels=cfg.decode.max_pixels,
-        max_image_bytes=cfg.decode.max_image_bytes, exif_transpose=cfg.decode.exif_transpose, jpeg_draft=cfg.decode.jpeg_draft,
-        truncate_text=cfg.decode.truncate_text, io_threads=cfg.decode.io_threads, s3=run.s3)
+        max_image_bytes=cfg.decode.max_image_bytes, exif_transpose=cfg.decode.exif_transpose,
+        jpeg_draft=cfg.decode.jpeg_draft, truncate_text=cfg.decode.truncate_text, io_threads=cfg.decode.io_threads, s3=run.s3)
 
 
 def _stats(ds) -> str | None:

@@ -524,8 +524,9 @@ def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | No
     over :class:`ManifestDatasource`).
 
     ``runtime_env`` should match the decode tasks' so both run in the same pool of workers. A read
-    task reserves :data:`READ_CPUS`: it reads one shard's manifest rows (paths and texts, not
-    images), so a whole CPU for it would only keep model actors or decode tasks from starting.
+    task reserves :data:`READ_CPUS`: it reads manifest rows (paths and texts; encoded images only in
+    a bytes manifest), I/O more than CPU, so a whole CPU for it would only keep model actors or
+    decode tasks from starting.
     """
     import ray.data
 
