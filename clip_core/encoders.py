@@ -7,7 +7,7 @@ fingerprint to record in outputs. Which runtime does the arithmetic is a deploym
 
 What each backend runs:
 
-- ``torch``: the model itself (the same tower modules that are exported). fp32; bf16 autocast on
+- ``torch``: the model itself (the same tower modules that are exported). fp32; bf16 weights on
   CPUs with native bf16 instructions (``precision="bf16"`` forces it anywhere); fp16 on CUDA.
 - ``torchscript``: the traced towers of an export directory, frozen and optimised for the host.
 - ``onnx``: onnxruntime on the exported fp32 graphs (CUDA provider when present, else CPU).
@@ -214,7 +214,7 @@ def resolve_device(device: str, backend: str) -> str:
 def resolve_precision(precision: str, backend: str, device: str) -> str:
     """The precision a backend runs at; ``auto`` is the fastest one whose accuracy is measured to hold.
 
-    torch: fp16 on CUDA; on CPU bf16 autocast where the CPU has native bf16, else fp32.
+    torch: fp16 on CUDA; on CPU bf16 where the CPU has native bf16, else fp32.
     torchscript and onnx: fp32. onnx-int8: int8.
     """
     if precision not in PRECISIONS:

@@ -197,7 +197,7 @@ class CLIP(nn.Module):
         This is also the exported text graph (``export.TextTower``), so it is written to trace:
         pooling is a gather at :func:`eot_positions`, and ``ln_final`` runs on the pooled row
         only (LayerNorm is per token, so that equals OpenAI's normalising every token first).
-        The projection follows the activations' dtype, which autocast or fp16 weights decide.
+        The projection follows the activations' dtype, which the weights' dtype (or autocast) decides.
         """
         L = text.shape[1]
         x = self.token_embedding(text).to(self.dtype)  # [B, L, W]
