@@ -78,8 +78,9 @@ def actor_gpus(setting: float | str, session: RaySession) -> float:
     return float(setting)
 
 
-# Of a CPU-only node, the share ``auto`` leaves to decode tasks beside the model actors: decoding
-# photos with JPEG draft takes about a fifth of the CPU time of a ViT-B/32 in bf16 (BENCHMARKS.md).
+# Of a CPU-only node, the share ``auto`` leaves to decode tasks beside the model actors (with
+# ``decode.placement=tasks``; by default CPU actors decode themselves): decoding photos with JPEG
+# draft measured a third of the work of a ViT-B/32 in bf16 (BENCHMARKS.md), larger models less.
 DECODE_SHARE = 0.25
 # CPUs ``auto`` leaves free on a node for the brief read and write tasks (0.1 each).
 SMALL_TASKS_CPUS = 0.2
@@ -98,7 +99,7 @@ def decode_in_actors(placement: str, gpus: float) -> bool:
 
     Why: on the same cores, a decode task slows a multi-threaded CPU model far more than the CPU
     time it takes (measured on 2 CPUs: ViT-B/32 with 2 threads beside one decode task needed
-    1.7x its busy time; BENCHMARKS.md), while the actor decoding its own batch with the model's
+    1.6x its busy time; BENCHMARKS.md), while the actor decoding its own batch with the model's
     threads, then embedding it, keeps every core busy with one thing at a time. Beside GPU
     actors decoding is what the CPUs are for, in tasks that scale with the cluster.
     """
