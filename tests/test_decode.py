@@ -71,3 +71,19 @@ def test_jpeg_draft_is_the_default_and_false_is_the_exact_path(tmp_path):
     assert draft != exact
     diff = [np.abs(np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(b, np.uint8)).mean() for a, b in zip(draft, exact)]
     assert max(diff) < 2.0, diff
+
+
+def test_decode_threads_decode_in_parallel_and_keep_the_order(tmp_path, monkeypatch):
+    names = _write_jpegs(tmp_path, 8)
+    serial, _ = decode_images(names, [0] * 8, _options(tmp_path))
+    threads, real_decode = set(), decode_mod.decode_fetched
+
+    def recording_decode(data, where, opts):
+        threads.add(threading.get_ident())
+        time.sleep(0.01)  # long enough that both workers take images
+        return real_decode(data, where, opts)
+
+    monkeypatch.setattr(decode_mod, "decode_fetched", recording_decode)
+    parallel, errors = decode_images(names + ["missing.jpg"], [0] * 9, _options(tmp_path, decode_threads=2))
+    assert parallel[:8] == serial and errors[8].startswith("image.missing_file")
+    assert len(threads) == 2 and threading.get_ident() not in threads

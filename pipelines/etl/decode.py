@@ -223,7 +223,8 @@ def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> t
     Fetches run ahead in ``io_threads`` threads; decoding and resizing run in the calling thread,
     one image at a time, so a task that reserves one CPU keeps to one CPU and never competes
     with the model's threads. With ``decode_threads`` > 1 (decoding inside a CPU model actor,
-    while its model is idle) that many threads fetch and decode; PIL releases the GIL for both.
+    while its model is idle) that many threads decode what the fetches deliver; PIL releases the
+    GIL while it decodes and resizes.
     """
     pixels: list[bytes | None] = [None] * len(values)
     errors: list[str | None] = [None] * len(values)
@@ -243,12 +244,13 @@ def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> t
             errors[i] = f"image.{e.cause}: {e.detail}"
 
     todo = [i for i, v in enumerate(values) if v is not None]
+    ready = zip(todo, _prefetched(fetch, todo, opts.io_threads))
     if opts.decode_threads > 1:  # in a CPU model actor, between its batches: the model's cores
         with ThreadPoolExecutor(max_workers=opts.decode_threads) as pool:
-            list(pool.map(lambda i: decode(i, fetch(i)), todo))
+            list(pool.map(lambda item: decode(*item), ready))
         return pixels, errors
-    for i, fetched in zip(todo, _prefetched(fetch, todo, opts.io_threads)):
-        decode(i, fetched)
+    for item in ready:
+        decode(*item)
     return pixels, errors
 
 
