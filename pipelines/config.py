@@ -105,7 +105,8 @@ class DecodeConfig:
     # CPUs reserved per decode task: "auto" (1 beside GPU actors; beside CPU actors the share of a
     # node they leave to decoding, at most 1) or a number.
     num_cpus: Union[float, str] = "auto"
-    # Files fetched ahead per decode task (hides S3 latency); decoding itself is one thread per task.
+    # Files fetched ahead per decode call (hides S3 latency); decoding itself runs on one thread
+    # in a decode task, on the model's threads in a CPU actor.
     io_threads: int = 8
     # Largest image in pixels (width * height); bigger ones are errors ("too large").
     max_pixels: int = 2 * 89_478_485
@@ -128,8 +129,9 @@ class EmbedConfig:
     batch_size: int = 64
     # Number of model actors (each holds one copy of the model).
     actors: int = 1
-    # CPUs reserved per actor: "auto" (1 for a GPU actor; a CPU actor takes its share of a node
-    # less a quarter left to decoding) or a number. On CPU the model runs ceil(num_cpus) threads.
+    # CPUs reserved per actor: "auto" (1 for a GPU actor; a CPU actor takes its share of a node,
+    # less a quarter for decode tasks when they run beside it) or a number. On CPU the model runs
+    # ceil(num_cpus) threads.
     num_cpus: Union[float, str] = "auto"
     # GPUs per actor: "auto" = 1 when the cluster has GPUs and 0 otherwise, or a number.
     num_gpus: Union[float, str] = "auto"

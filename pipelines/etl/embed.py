@@ -75,7 +75,8 @@ def localize_checkpoint(source: str, s3: pio.S3Options | None = None) -> str:
 
 def actor_threads(num_cpus: float) -> int:
     """The model's CPU threads in an actor that reserves ``num_cpus``: a fraction of a core
-    still runs a thread, so 1.5 CPUs is 2 threads (the rest of that core goes to decode tasks)."""
+    still runs a thread, so 1.8 CPUs is 2 threads (the rest of that core goes to the small read
+    and write tasks, or to decode tasks beside the actor)."""
     return max(1, math.ceil(num_cpus))
 
 
