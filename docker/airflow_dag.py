@@ -65,6 +65,9 @@ def clip_etl_daily():
             f"output.path={OUTPUT.format(ds=ds)}",
             # everything else comes from the config file; add overrides here, e.g.
             # "embed.actors=8", "model.checkpoint=s3://my-bucket/models/ViT-B-32.pt",
+            # but never s3.* credentials: the entrypoint is stored and shown by the Ray Jobs API.
+            # The job reads them from the cluster nodes' standard AWS environment (instance
+            # role, AWS_* variables, profiles).
         ])
         client.submit_job(entrypoint=entrypoint, submission_id=job_id)
         print(f"submitted Ray job {job_id}: {entrypoint}")

@@ -201,10 +201,12 @@ class S3Config:
     endpoint_url: Optional[str] = None
     # AWS region.
     region: Optional[str] = None
-    # Access key id (prefer AWS_ACCESS_KEY_ID or a profile).
-    access_key_id: Optional[str] = None
-    # Secret access key (prefer AWS_SECRET_ACCESS_KEY or a profile).
-    secret_access_key: Optional[str] = None
+    # Access key id (prefer AWS_ACCESS_KEY_ID or a profile). Never printed or recorded.
+    access_key_id: Optional[str] = field(default=None, repr=False)
+    # Secret access key (prefer AWS_SECRET_ACCESS_KEY or a profile). Never printed or recorded.
+    secret_access_key: Optional[str] = field(default=None, repr=False)
+    # Session token of temporary credentials (prefer AWS_SESSION_TOKEN). Never printed or recorded.
+    session_token: Optional[str] = field(default=None, repr=False)
     # Unsigned requests (public buckets).
     anonymous: bool = False
     # Attempts per request, with adaptive backoff on throttling and transient errors.
@@ -239,8 +241,16 @@ class PipelineConfig:
     s3: S3Config = field(default_factory=S3Config)
     ray: RayConfig = field(default_factory=RayConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """The config as plain data; ``redact`` replaces every credential that is set with
+        ``<redacted>`` (what ``--print-config`` prints and ``_run.json`` records)."""
+        data = dataclasses.asdict(self)
+        if redact:
+            for key in SECRET_KEYS:
+                section, name = key.split(".")
+                if data[section].get(name) is not None:
+                    data[section][name] = REDACTED
+        return data
 
     def s3_options(self):
         """The S3 settings as :class:`pipelines.storage.S3Options`."""
@@ -316,6 +326,17 @@ def _suggest(name: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# Config keys that hold credentials: their values never appear in printed configs, records,
+# reprs or error messages.
+SECRET_KEYS = ("s3.access_key_id", "s3.secret_access_key", "s3.session_token")
+REDACTED = "<redacted>"
+
+
+def _shown(key: str, value: Any) -> str:
+    """``value`` as an error message may show it: credentials are redacted."""
+    return REDACTED if key in SECRET_KEYS else repr(value)
+
+
 def _build(cls, data: Any, where: str):
     """Instantiate dataclass ``cls`` from a mapping, checking keys and types recursively."""
     if data is None:
@@ -335,7 +356,7 @@ def _build(cls, data: Any, where: str):
             continue
         ok, converted = _check_value(value, tp)
         if not ok:
-            raise ConfigError(f"config key {full!r} must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"config key {full!r} must be {_type_name(tp)}, got {_shown(full, value)}")
         kwargs[key] = converted
     return cls(**kwargs)
 
@@ -389,7 +410,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config key {key!r}: cannot parse value {raw!r} ({e})") from e
+        detail = "" if key in SECRET_KEYS else f" {raw!r} ({e})"
+        raise ConfigError(f"config key {key!r}: cannot parse value{detail}") from None
     if _accepts(tp, str) and raw.strip() and not isinstance(value, (str, list, dict)):
         if not _check_value(value, tp)[0]:
             value = raw.strip()  # a string field: keep the text as typed ("123", "yes")
@@ -539,7 +561,8 @@ def apply_job(cfg: PipelineConfig, job: str) -> PipelineConfig:
 
 
 def to_yaml(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+    """The config as YAML, credentials redacted (``--print-config``)."""
+    return yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False, default_flow_style=False)
 
 
 def config_keys() -> list[tuple[str, str, Any]]:
@@ -576,6 +599,8 @@ __all__ = [
     "load_config",
     "parse_override",
     "read_yaml",
+    "REDACTED",
+    "SECRET_KEYS",
     "to_yaml",
     "validate",
 ]

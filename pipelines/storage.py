@@ -16,7 +16,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -31,8 +31,10 @@ class S3Options:
 
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:5000 for a local S3 server
     region: str | None = None  # AWS region name
-    access_key_id: str | None = None  # explicit key (prefer the environment)
-    secret_access_key: str | None = None  # explicit secret (prefer the environment)
+    # explicit credentials (prefer the environment); kept out of repr, so out of logs and errors
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)  # of temporary credentials
     anonymous: bool = False  # unsigned requests for public buckets
     max_attempts: int = 10  # retries on throttling / transient errors
 
@@ -54,6 +56,8 @@ class S3Options:
             opts["key"] = self.access_key_id
         if self.secret_access_key:
             opts["secret"] = self.secret_access_key
+        if self.session_token:
+            opts["token"] = self.session_token
         return opts
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,3 +147,57 @@ def test_a_live_lease_on_s3_refuses_a_second_run(ray_local, bucket, tiny_checkpo
     time.sleep(3.5)
     assert cli.main(args) == 0
     assert holder.path == "s3://results/leased/_lease.json" and not pio.exists(holder.path, opts)
+
+
+SECRETS = {"access_key_id": "AKIACLIPETLTEST7Q", "secret_access_key": "cl1p-etl-S3CR3T-9zQ",
+           "session_token": "cl1p-etl-T0KEN-4xW"}
+
+
+def _secret_overrides(endpoint: str) -> list[str]:
+    return [f"s3.endpoint_url={endpoint}", "s3.region=us-east-1"] + [f"s3.{k}={v}" for k, v in SECRETS.items()]
+
+
+def _leaks(text: str) -> list[str]:
+    return [name for name, value in SECRETS.items() if value in text]
+
+
+def test_credentials_appear_in_no_output_log_config_or_error(bucket, tiny_checkpoint, tmp_path):
+    """Credentials given as config (the least safe way) are used, and never written back: not in
+    any output object, the job's stdout/stderr, Ray's own logs, --print-config, a repr or an error."""
+    import shutil
+    import tempfile
+
+    from pipeline_fixtures import run_cli
+    from pipelines.config import load_config
+
+    args = ["run", "input.path=s3://data/in/manifest.parquet", "output.path=s3://results/secrets",
+            f"model.checkpoint={tiny_checkpoint}", "model.precision=fp32", "output.shard_size=5",
+            "label.classes=s3://data/classes.txt", *_secret_overrides(bucket["endpoint"])]
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray puts sockets under it
+    try:
+        proc = run_cli(args, timeout=600, RAY_TMPDIR=ray_tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not _leaks(proc.stdout + proc.stderr)
+        logs = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".json")]
+        assert logs, "Ray wrote no logs where expected"
+        assert not [str(p) for p in logs if _leaks(p.read_text(errors="replace"))]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    client = bucket["client"]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="results", Prefix="secrets/")["Contents"]]
+    assert "secrets/_SUCCESS" in keys and any(k.startswith("secrets/index/") for k in keys)
+    for key in keys:
+        body = client.get_object(Bucket="results", Key=key)["Body"].read().decode("latin-1")
+        assert not _leaks(body), key
+    record = json.loads(client.get_object(Bucket="results", Key="secrets/_run.json")["Body"].read())
+    assert {record["config"]["s3"][k] for k in SECRETS} == {"<redacted>"}
+
+    printed = run_cli(["run", "--print-config", *args[1:]])
+    assert printed.returncode == 0 and "<redacted>" in printed.stdout and not _leaks(printed.stdout)
+    cfg = load_config(None, args[1:])
+    assert cfg.s3.secret_access_key == SECRETS["secret_access_key"]  # given to the client...
+    assert cfg.s3_options().storage_options()["token"] == SECRETS["session_token"]
+    assert not _leaks(repr(cfg)) and not _leaks(repr(cfg.s3_options()))  # ...and shown nowhere
+    bad = run_cli(["run", "s3.secret_access_key=[cl1p-etl-S3CR3T-9zQ]", "input.path=x"])
+    assert bad.returncode == 2 and "s3.secret_access_key" in bad.stderr and not _leaks(bad.stderr)

@@ -146,15 +146,6 @@ def encoder_tokenizer(encoder: Any):
     return get_default_tokenizer()
 
 
-def redacted_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The resolved config for ``_run.json``, without S3 credentials."""
-    data = cfg.to_dict()
-    for key in ("access_key_id", "secret_access_key"):
-        if data["s3"].get(key):
-            data["s3"][key] = "<redacted>"
-    return data
-
-
 def versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -287,7 +278,7 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
         run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         record = {
             "job": job, "status": "succeeded", "run_id": run.run_id, "started_at": started_at,
-            "finished_at": datetime.now(timezone.utc).isoformat(), "config": redacted_config(cfg),
+            "finished_at": datetime.now(timezone.utc).isoformat(), "config": cfg.to_dict(redact=True),
             "versions": versions(), "model": model_info,
             "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
                        "caption": stages.caption, "index": cfg.index.enabled},
