@@ -72,6 +72,9 @@ class OutputConfig:
     # Seconds without a heartbeat after which a run's hold on OUTPUT/_lease.json expires, so that
     # a run that was killed can be resumed; a live run renews it every quarter of this.
     lease_timeout_s: float = 60.0
+    # Discard what the output holds (results, index, plan, run record) and redo everything. false:
+    # a re-run resumes, and a finished output is left as it is (the run does nothing).
+    overwrite: bool = False
 
 
 @dataclass

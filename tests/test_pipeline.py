@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,25 @@ def test_different_settings_refuse_the_same_output(full_run, dataset, tiny_check
     rc = cli.main(["run", *_job_args(dataset["manifest"], out, tiny_checkpoint), "output.shard_size=5"])
     assert rc == 1 and "output.shard_size" in capsys.readouterr().err
     assert (out / "_SUCCESS").exists()  # the finished output is untouched
+
+
+def test_overwrite_redoes_a_finished_output_with_new_settings(full_run, dataset, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(full_run["out"], out)
+    # a mistyped run with overwrite fails its checks before anything is discarded
+    assert cli.main(["run", *_job_args(dataset["manifest"], out, "/nonexistent.pt"), "output.overwrite=true"]) == 1
+    assert (out / "_SUCCESS").exists() and (out / "_plan.json").exists()
+    # settings a plain re-run refuses (another shard size, other classes) are taken with overwrite
+    extra = ("output.shard_size=5", "label.classes=[cat, dog]", "output.overwrite=true")
+    assert cli.main(["run", *_job_args(dataset["manifest"], out, tiny_checkpoint), *extra]) == 0
+    assert "discarded the earlier results" in capsys.readouterr().err
+    names = sorted(os.listdir(out / "results"))
+    assert names == [f"part-{i:05d}.parquet" for i in range(5)]  # 24 rows in shards of 5
+    record = json.loads((out / "_run.json").read_text())
+    assert record["counts"]["shards_resumed"] == 0 and record["counts"]["rows_this_run"] == N
+    table = read_results(out)
+    assert sorted(table.column("id").to_pylist()) == [f"row-{i:03d}" for i in range(N)]
+    assert set(table.column("label").to_pylist()) <= {"cat", "dog"}
 
 
 def test_bytes_images_derived_ids_and_text_only_rows(ray_local, tiny_checkpoint, tiny_encoder, tmp_path):

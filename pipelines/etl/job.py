@@ -257,6 +257,8 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             with run.timed("id_check_s"):
                 _check_ids(run, manifest, shards)
             stages = _stage_specs(run, manifest)
+            if cfg.output.overwrite:
+                _discard_output(run)
             _check_plan(run, manifest, shards, resolved, stages)
             done = committed_parts(run.path(RESULTS_DIR), shards, run.s3)
             pending = [s for s in shards if s.index not in done]
@@ -380,6 +382,19 @@ def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
         if why:
             run.log(f"[clip-etl] replacing the plan of an output with no results yet ({why})")
         pio.write_json_atomic(plan_path, plan, run.s3)
+
+
+def _discard_output(run: _Run) -> None:
+    """``output.overwrite``: remove what an earlier run left (its parts, pieces, index, plan and
+    record) so this run redoes everything. Only after every job-level check has passed, so a
+    mistyped command never costs the old output, and under the lease, so no live run is touched."""
+    from pipelines.etl.write import PIECES_DIR
+
+    for name in (SUCCESS_FILE, RUN_FILE, PLAN_FILE):
+        pio.remove(run.path(name), run.s3)
+    for name in (RESULTS_DIR, PIECES_DIR, INDEX_DIR):
+        pio.remove_tree(run.path(name), run.s3)
+    run.log(f"[clip-etl] output.overwrite: discarded the earlier results, index and plan in {run.out}")
 
 
 def _prepare_output(run: _Run, shards, done, pending) -> bool:
