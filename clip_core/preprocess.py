@@ -91,7 +91,14 @@ _PASSTHROUGH_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P"})
 
 
 class ImageDecodeError(ValueError):
-    """An input could not be turned into an image; the message says why in plain words."""
+    """An input could not be turned into an image; the message says why in plain words, and
+    ``cause`` says it as data, one of: ``missing_file``, ``not_a_file``, ``unreadable``,
+    ``empty_file``, ``too_large``, ``not_an_image``, ``truncated``, ``corrupt``,
+    ``unsupported_mode`` (the pipeline's per-row error causes)."""
+
+    def __init__(self, message: str, cause: str = "corrupt"):
+        super().__init__(message)
+        self.cause = cause
 
 
 # -- decoding ---------------------------------------------------------------------------
@@ -105,23 +112,30 @@ def _read_source(source: bytes | bytearray | memoryview | str | os.PathLike) -> 
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
-            raise ImageDecodeError(f"file not found: {path}") from exc
+            raise ImageDecodeError(f"file not found: {path}", "missing_file") from exc
         except IsADirectoryError as exc:
-            raise ImageDecodeError(f"is a directory: {path}") from exc
+            raise ImageDecodeError(f"is a directory: {path}", "not_a_file") from exc
         except PermissionError as exc:
             if path.is_dir():  # Windows reports directories as permission errors
-                raise ImageDecodeError(f"is a directory: {path}") from exc
-            raise ImageDecodeError(f"permission denied: {path}") from exc
+                raise ImageDecodeError(f"is a directory: {path}", "not_a_file") from exc
+            raise ImageDecodeError(f"permission denied: {path}", "unreadable") from exc
         except OSError as exc:
-            raise ImageDecodeError(f"cannot read file: {path} ({exc})") from exc
+            raise ImageDecodeError(f"cannot read file: {path} ({exc})", "unreadable") from exc
     else:
         raise TypeError(
             "load_image expects bytes, bytearray, memoryview, str or os.PathLike, "
             f"got {type(source).__name__}"
         )
     if not data:
-        raise ImageDecodeError("empty file")
+        raise ImageDecodeError("empty file", "empty_file")
     return data
+
+
+def _pil_cause(exc: BaseException) -> str:
+    """``truncated`` or ``corrupt`` for an error PIL raised while reading an image. PIL reports a
+    cut-off file as EOFError or as a plain OSError whose message says so: at this one boundary
+    the message is the only tell; everywhere past it the cause travels as data."""
+    return "truncated" if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else "corrupt"
 
 
 def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
@@ -157,7 +171,7 @@ def _normalise_mode(img: Image.Image) -> Image.Image:
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ImageDecodeError(f"unsupported image mode {mode!r} ({exc})") from exc
+        raise ImageDecodeError(f"unsupported image mode {mode!r} ({exc})", "unsupported_mode") from exc
 
 
 def load_image(
@@ -187,25 +201,25 @@ def load_image(
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc} (decompression bomb)") from exc
+        raise ImageDecodeError(f"image too large: {exc} (decompression bomb)", "too_large") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image (cannot identify image file)") from exc
+        raise ImageDecodeError("not an image (cannot identify image file)", "not_an_image") from exc
     except Exception as exc:
-        raise ImageDecodeError(f"corrupt image header ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"corrupt image header ({type(exc).__name__}: {exc})", _pil_cause(exc)) from exc
 
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError(
             f"image too large: {width} x {height} pixels exceeds limit {max_pixels} "
-            "(decompression bomb)"
+            "(decompression bomb)", "too_large"
         )
     if draft_size is not None and img.format == "JPEG":
         img.draft(None, (draft_size, draft_size))  # keeps the mode; a no-op when already small
     try:
         img.load()
     except Exception as exc:
-        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
-            raise ImageDecodeError(f"truncated image ({exc})") from exc
+        if _pil_cause(exc) == "truncated":
+            raise ImageDecodeError(f"truncated image ({exc})", "truncated") from exc
         raise ImageDecodeError(f"corrupt image data ({type(exc).__name__}: {exc})") from exc
 
     if exif_transpose:

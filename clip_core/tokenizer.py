@@ -48,6 +48,7 @@ import torch
 
 __all__ = [
     "DEFAULT_BPE_PATH",
+    "TextTooLongError",
     "Tokenizer",
     "bytes_to_unicode",
     "clean_text",
@@ -56,6 +57,10 @@ __all__ = [
 ]
 
 DEFAULT_BPE_PATH: Path = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+class TextTooLongError(ValueError):
+    """A text with more tokens than the context holds, and ``truncate`` not set."""
+
 
 SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
@@ -321,7 +326,7 @@ class Tokenizer:
         """Encode a text or a batch into a zero-padded ``[N, context_length]`` id tensor.
 
         Every row is ``SOT, ids..., EOT, 0...``. If a row does not fit, raise
-        ``ValueError`` unless ``truncate`` is set, in which case it is cut to
+        :class:`TextTooLongError` (a ``ValueError``) unless ``truncate`` is set, in which case it is cut to
         ``context_length`` and its last position is overwritten with EOT.
         """
         if context_length is None:
@@ -339,7 +344,7 @@ class Tokenizer:
             if len(ids) > room:
                 if not truncate:
                     shown = text if len(text) <= 60 else text[:57] + "..."
-                    raise ValueError(
+                    raise TextTooLongError(
                         f"text {shown!r} has {len(ids) + 2} tokens (with start/end markers), "
                         f"more than context_length={context_length}; pass truncate=True to cut it"
                     )

@@ -87,3 +87,48 @@ def test_decode_threads_decode_in_parallel_and_keep_the_order(tmp_path, monkeypa
     parallel, errors = decode_images(names + ["missing.jpg"], [0] * 9, _options(tmp_path, decode_threads=2))
     assert parallel[:8] == serial and errors[8].startswith("image.missing_file")
     assert len(threads) == 2 and threading.get_ident() not in threads
+
+
+def test_error_causes_come_from_the_exception_not_its_message(tmp_path, monkeypatch):
+    """A cause is what the decoder says it is (``ImageDecodeError.cause``, ``TextTooLongError``),
+    whatever words its message happens to use."""
+    import clip_core.preprocess as preprocess
+    from clip_core.preprocess import ImageDecodeError
+    from pipelines.etl.decode import tokenize_texts
+
+    names = _write_jpegs(tmp_path, 1)
+
+    def misleading(*args, **kwargs):
+        raise ImageDecodeError("this message says truncated and not an image", "too_large")
+
+    monkeypatch.setattr(preprocess, "load_image", misleading)
+    _, errors = decode_images(names, [0], _options(tmp_path))
+    assert errors[0].startswith("image.too_large: this message says truncated")
+
+    long_text = "word " * 200
+    _, errors = tokenize_texts([long_text, "fine"], _options(tmp_path, truncate_text=False))
+    assert errors[0].startswith("text.too_long:") and errors[1] is None
+
+
+def test_image_decode_errors_carry_their_cause():
+    import io
+
+    from PIL import Image
+
+    from clip_core.preprocess import ImageDecodeError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
+    data = buf.getvalue()
+    for source, cause in ((b"", "empty_file"), (b"<html>404</html>", "not_an_image"),
+                          (data[: len(data) // 2], "truncated")):
+        try:
+            load_image(source)
+        except ImageDecodeError as e:
+            assert e.cause == cause, (cause, e)
+        else:
+            raise AssertionError(f"{cause}: no error")
+    try:
+        load_image(data, max_pixels=100)
+    except ImageDecodeError as e:
+        assert e.cause == "too_large"

@@ -10,7 +10,8 @@ Errors are data: every failure of one row — a missing file, bytes that are not
 truncated JPEG, a decompression bomb, an empty text — is caught here and recorded in the row's
 ``__image_error`` / ``__text_error`` column as ``"<input>.<cause>: <detail>"`` (for example
 ``"image.missing_file: no such file: /data/x.jpg"``). The cause codes are a fixed vocabulary,
-counted per cause in ``_run.json``:
+counted per cause in ``_run.json``, and travel with the exception (``ImageDecodeError.cause``,
+``TextTooLongError``, :class:`RowError`), never read back from its wording:
 
 ==================  ==========================================================================
 cause               meaning
@@ -160,21 +161,6 @@ def fetch_image_bytes(value: Any, manifest_dir: str, opts: DecodeOptions) -> tup
     return data, path
 
 
-def _decode_cause(message: str) -> str:
-    m = message.lower()
-    if "empty file" in m:
-        return "empty_file"
-    if "too large" in m or "decompression bomb" in m:
-        return "too_large"
-    if "not an image" in m or "cannot identify" in m:
-        return "not_an_image"
-    if "truncated" in m:
-        return "truncated"
-    if "unsupported image mode" in m:
-        return "unsupported_mode"
-    return "corrupt"
-
-
 def decode_fetched(data: bytes, where: str, opts: DecodeOptions) -> np.ndarray:
     """Encoded bytes -> uint8 ``[R, R, 3]`` (resized and cropped); every failure is a :class:`RowError`."""
     from clip_core.preprocess import ImageDecodeError, load_image
@@ -185,7 +171,7 @@ def decode_fetched(data: bytes, where: str, opts: DecodeOptions) -> np.ndarray:
     try:
         img = load_image(data, exif_transpose=opts.exif_transpose, max_pixels=opts.max_pixels, draft_size=draft)
     except ImageDecodeError as e:
-        raise RowError(_decode_cause(str(e)), f"{e}: {where}") from None
+        raise RowError(e.cause, f"{e}: {where}") from None
     except Exception as e:  # a decoder bug must still not fail the block
         raise RowError("corrupt", f"{type(e).__name__}: {e}: {where}") from None
     try:
@@ -259,6 +245,8 @@ def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> t
 # --------------------------------------------------------------------------------------------
 def tokenize_texts(values: list[Any], opts: DecodeOptions) -> tuple[list[bytes | None], list[str | None]]:
     """A column of texts -> (int64 token bytes or None, error or None)."""
+    from clip_core.tokenizer import TextTooLongError
+
     tokens: list[bytes | None] = [None] * len(values)
     errors: list[str | None] = [None] * len(values)
     todo: list[int] = []
@@ -286,9 +274,8 @@ def tokenize_texts(values: list[Any], opts: DecodeOptions) -> tuple[list[bytes |
         for i in todo:
             try:
                 tokens[i] = run([i])[0].tobytes()
-            except ValueError as e:
-                cause = "too_long" if "context_length" in str(e) or "tokens" in str(e) else "corrupt"
-                errors[i] = f"text.{cause}: {e}"
+            except TextTooLongError as e:
+                errors[i] = f"text.too_long: {e}"
             except Exception as e:
                 errors[i] = f"text.corrupt: {type(e).__name__}: {e}"
     return tokens, errors
