@@ -403,16 +403,24 @@ def user_images(model, model_dir: Path, paths: list[str]) -> dict:
         inputs = proc(images=images, return_tensors="pt")
         return features(model.get_image_features(pixel_values=inputs["pixel_values"]))
 
-    torch.set_num_threads(os.cpu_count() or 1)  # the user's setting; our encoders set their own
-    batches = [paths[i:i + IMAGE_BATCH] for i in range(0, len(paths), IMAGE_BATCH)]
+    sec = timed_loop(step, paths, IMAGE_BATCH, WARMUP_IMAGES)
+    return {"per_s": len(paths) / sec, "seconds": sec, "images": len(paths), "batch": IMAGE_BATCH,
+            "processor": type(proc).__name__, "threads": torch.get_num_threads()}
+
+
+def timed_loop(step, items: list, batch: int, warmup: int) -> float:
+    """Seconds the user's loop takes over ``items`` in batches, after a small warm-up batch, with
+    every CPU (the user's setting; our encoders set their own) and without autograd."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    batches = [items[i:i + batch] for i in range(0, len(items), batch)]
     with torch.no_grad():
-        step(batches[0][:WARMUP_IMAGES])
+        step(batches[0][:warmup])
         t0 = time.perf_counter()
         for b in batches:
             step(b)
-        sec = time.perf_counter() - t0
-    return {"per_s": len(paths) / sec, "seconds": sec, "images": len(paths), "batch": IMAGE_BATCH,
-            "processor": type(proc).__name__, "threads": torch.get_num_threads()}
+        return time.perf_counter() - t0
 
 
 def user_texts(model, model_dir: Path, texts: list[str]) -> dict:
@@ -427,14 +435,7 @@ def user_texts(model, model_dir: Path, texts: list[str]) -> dict:
         return features(model.get_text_features(input_ids=inputs["input_ids"],
                                                 attention_mask=inputs["attention_mask"]))
 
-    torch.set_num_threads(os.cpu_count() or 1)  # the user's setting; our encoders set their own
-    batches = [texts[i:i + TEXT_BATCH] for i in range(0, len(texts), TEXT_BATCH)]
-    with torch.no_grad():
-        step(batches[0][:WARMUP_TEXTS])
-        t0 = time.perf_counter()
-        for b in batches:
-            step(b)
-        sec = time.perf_counter() - t0
+    sec = timed_loop(step, texts, TEXT_BATCH, WARMUP_TEXTS)
     return {"per_s": len(texts) / sec, "seconds": sec, "texts": len(texts), "batch": TEXT_BATCH,
             "tokenizer": type(tok).__name__, "threads": torch.get_num_threads()}
 

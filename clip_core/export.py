@@ -423,18 +423,8 @@ def export_model(model: CLIP, out: str | os.PathLike, fmt: str = "onnx", *, sour
     """
     from .checkpoints import model_fingerprint
 
-    if fmt not in EXPORT_FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if weight_type not in WEIGHT_TYPES:
-        raise ExportError(f"unknown int8 weight type {weight_type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
-    if calibration_images is not None and fmt != "onnx-int8":
-        raise ExportError("calibration images only apply to --format onnx-int8")
+    out = _check_export_args(out, fmt, weight_type, calibration_images)
     say = progress or (lambda msg: None)
-    out = Path(os.path.expanduser(str(out)))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: already exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
     started = time.perf_counter()
     if source_fingerprint is None:
         say("fingerprinting weights")
@@ -456,42 +446,10 @@ def export_model(model: CLIP, out: str | os.PathLike, fmt: str = "onnx", *, sour
             graphs, precision = export_onnx_graphs(model, work, opset), "fp32"
             details["opset"] = opset
         if fmt == "onnx-int8":
+            graphs, details["quantization"] = _quantize_int8(model.config, work, graphs, weight_type,
+                                                             calibration_images, say)
             precision = "int8"
-            fp32 = {k: work / v for k, v in graphs.items()}
-            graphs = {"image": "image.int8.onnx", "text": "text.int8.onnx"}
-            details["quantization"] = {"text": f"dynamic/{weight_type}/per-channel"}
-            if calibration_images is not None:
-                files = calibration_files(calibration_images)
-                say(f"calibrating image graph on {min(len(files), 256)} image(s) (static int8)")
-                pre = _preprocess_record(cfg)
-                batches, pixel_hash = _calibration_batches(files, cfg.vision.image_size, pre["mean"], pre["std"])
-                quantize_static_image_graph(fp32["image"], work / graphs["image"], batches)
-                details["quantization"]["image"] = f"static/qdq/minmax/{pixel_hash}"
-            else:
-                say(f"quantizing image graph (dynamic int8, {weight_type})")
-                quantize_dynamic_graph(fp32["image"], work / graphs["image"], weight_type)
-                details["quantization"]["image"] = f"dynamic/{weight_type}/per-channel"
-            say(f"quantizing text graph (dynamic int8, {weight_type})")
-            quantize_dynamic_graph(fp32["text"], work / graphs["text"], weight_type)
-            for path in fp32.values():
-                for f in _onnx_files(path):
-                    f.unlink()
-        doc = {
-            "format": EXPORT_TAG,
-            "backend": fmt,
-            "precision": precision,
-            "graphs": graphs,
-            "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
-            "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT, "normalized": True},
-            "model": cfg.to_dict(),
-            "logit_scale": float(model.logit_scale.detach().float().exp()),
-            "preprocess": _preprocess_record(cfg),
-            "tokenizer": _tokenizer_record(cfg, work),
-            "source": {"name": source_name, "fingerprint": source_fingerprint},
-            "details": details,
-            "fingerprint": derived_fingerprint(source_fingerprint, fmt, precision, details),
-            "versions": {"torch": torch.__version__, **_runtime_versions(fmt)},
-        }
+        doc = _export_record(model, work, fmt, precision, graphs, details, source_name, source_fingerprint)
         (work / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -503,6 +461,71 @@ def export_model(model: CLIP, out: str | os.PathLike, fmt: str = "onnx", *, sour
         original.train(was_training)
     say(f"wrote {out} ({_dir_size(out) / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
     return out
+
+
+def _check_export_args(out: str | os.PathLike, fmt: str, weight_type: str,
+                       calibration_images: str | os.PathLike | None) -> Path:
+    """Refuse a bad request before any slow work; returns ``out`` as a Path whose parent exists."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if weight_type not in WEIGHT_TYPES:
+        raise ExportError(f"unknown int8 weight type {weight_type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+    if calibration_images is not None and fmt != "onnx-int8":
+        raise ExportError("calibration images only apply to --format onnx-int8")
+    out = Path(os.path.expanduser(str(out)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: already exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _quantize_int8(cfg: CLIPConfig, work: Path, graphs: dict[str, str], weight_type: str,
+                   calibration_images: str | os.PathLike | None, say: Progress) -> tuple[dict[str, str], dict]:
+    """Quantize the fp32 graphs in ``work`` (then removed); returns (the int8 graph names, how each
+    tower was quantized). The image tower is calibrated statically when images are given."""
+    fp32 = {k: work / v for k, v in graphs.items()}
+    int8 = {"image": "image.int8.onnx", "text": "text.int8.onnx"}
+    how = {"text": f"dynamic/{weight_type}/per-channel"}
+    if calibration_images is not None:
+        files = calibration_files(calibration_images)
+        say(f"calibrating image graph on {min(len(files), 256)} image(s) (static int8)")
+        pre = _preprocess_record(cfg)
+        batches, pixel_hash = _calibration_batches(files, cfg.vision.image_size, pre["mean"], pre["std"])
+        quantize_static_image_graph(fp32["image"], work / int8["image"], batches)
+        how["image"] = f"static/qdq/minmax/{pixel_hash}"
+    else:
+        say(f"quantizing image graph (dynamic int8, {weight_type})")
+        quantize_dynamic_graph(fp32["image"], work / int8["image"], weight_type)
+        how["image"] = f"dynamic/{weight_type}/per-channel"
+    say(f"quantizing text graph (dynamic int8, {weight_type})")
+    quantize_dynamic_graph(fp32["text"], work / int8["text"], weight_type)
+    for path in fp32.values():
+        for f in _onnx_files(path):
+            f.unlink()
+    return int8, how
+
+
+def _export_record(model: CLIP, work: Path, fmt: str, precision: str, graphs: dict[str, str], details: dict,
+                   source_name: str, source_fingerprint: str) -> dict[str, Any]:
+    """The export's config.json: what loads it (graphs, I/O names, preprocessing, tokenizer) and
+    where it came from (source fingerprint, versions)."""
+    cfg = model.config
+    return {
+        "format": EXPORT_TAG,
+        "backend": fmt,
+        "precision": precision,
+        "graphs": graphs,
+        "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
+        "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT, "normalized": True},
+        "model": cfg.to_dict(),
+        "logit_scale": float(model.logit_scale.detach().float().exp()),
+        "preprocess": _preprocess_record(cfg),
+        "tokenizer": _tokenizer_record(cfg, work),
+        "source": {"name": source_name, "fingerprint": source_fingerprint},
+        "details": details,
+        "fingerprint": derived_fingerprint(source_fingerprint, fmt, precision, details),
+        "versions": {"torch": torch.__version__, **_runtime_versions(fmt)},
+    }
 
 
 def _runtime_versions(fmt: str) -> dict[str, str]:

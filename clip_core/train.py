@@ -216,6 +216,63 @@ def _dist_info() -> tuple[bool, int, int]:
     return False, 0, 1
 
 
+def _parallel(base: nn.Module, dataset: Dataset, cfg: TrainConfig, distributed: bool, rank: int, world: int):
+    """(the module to call, the sampler or None): DDP and a distributed sampler on several
+    workers, the model itself on one."""
+    if not (distributed and world > 1):
+        return base, None
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=cfg.shuffle, seed=cfg.seed,
+                                 drop_last=True)
+    return DistributedDataParallel(base), sampler
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, sampler, world: int) -> tuple[DataLoader, int]:
+    """(the batch loader, its batch size): at most the pairs one worker has, at least 2 pairs,
+    since a contrastive batch of one has no negatives."""
+    per_worker = len(dataset) // world if sampler is not None else len(dataset)
+    if per_worker < 2:
+        raise ValueError(f"need at least 2 pairs per worker to train contrastively, got {per_worker}")
+    batch_size = min(cfg.batch_size, per_worker)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None and cfg.shuffle,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.loader_workers,
+        generator=torch.Generator().manual_seed(cfg.seed) if sampler is None and cfg.shuffle else None,
+        persistent_workers=cfg.loader_workers > 0,
+    )
+    return loader, batch_size
+
+
+def _optimizer(base: nn.Module, cfg: TrainConfig, total: int):
+    """AdamW over the decay / no-decay groups, with warmup then cosine decay over ``total`` steps."""
+    optimizer = torch.optim.AdamW(parameter_groups(base, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+def _step(net: nn.Module, base: nn.Module, optimizer, scheduler, grad_clip: float | None,
+          pixels: torch.Tensor, tokens: torch.Tensor) -> float:
+    """One optimizer step on a batch; returns its loss."""
+    logits_per_image, logits_per_text = net(pixels, trim_tokens(tokens))
+    loss = contrastive_loss(logits_per_image, logits_per_text)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(base.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    clamp_logit_scale(base)
+    return float(loss.detach())
+
+
 def train(
     model: nn.Module,
     pairs_dataset: Dataset,
@@ -245,39 +302,13 @@ def train(
         init_patch_embedding_pca(base, _sample_pixels(pairs_dataset, cfg.pca_images, cfg.seed))
         log(f"patch embedding initialised from whitened PCA of {min(cfg.pca_images, len(pairs_dataset))} images")
     base.train()
-    net: nn.Module = base
-    sampler = None
-    if distributed and world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data.distributed import DistributedSampler
-
-        net = DistributedDataParallel(base)
-        sampler = DistributedSampler(pairs_dataset, num_replicas=world, rank=rank, shuffle=cfg.shuffle, seed=cfg.seed,
-                                     drop_last=True)
-
-    per_worker = len(pairs_dataset) // world if sampler is not None else len(pairs_dataset)
-    if per_worker < 2:
-        raise ValueError(f"need at least 2 pairs per worker to train contrastively, got {per_worker}")
-    batch_size = min(cfg.batch_size, per_worker)
-    loader = DataLoader(
-        pairs_dataset,
-        batch_size=batch_size,
-        shuffle=sampler is None and cfg.shuffle,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.loader_workers,
-        generator=torch.Generator().manual_seed(cfg.seed) if sampler is None and cfg.shuffle else None,
-        persistent_workers=cfg.loader_workers > 0,
-    )
+    net, sampler = _parallel(base, pairs_dataset, cfg, distributed, rank, world)
+    loader, batch_size = _loader(pairs_dataset, cfg, sampler, world)
     steps_per_epoch = len(loader)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     if total < 1:
         raise ValueError("nothing to train: steps/epochs give 0 optimizer steps")
-
-    optimizer = torch.optim.AdamW(parameter_groups(base, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
-    )
+    optimizer, scheduler = _optimizer(base, cfg, total)
 
     history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "logit_scale": [], "images_per_s": [], "eval": []}
     n_params = sum(p.numel() for p in base.parameters())
@@ -302,18 +333,10 @@ def train(
         if sampler is not None:
             sampler.set_epoch(epoch)
         for pixels, tokens in loader:
-            logits_per_image, logits_per_text = net(pixels, trim_tokens(tokens))
-            loss = contrastive_loss(logits_per_image, logits_per_text)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            clamp_logit_scale(base)
+            loss = _step(net, base, optimizer, scheduler, cfg.grad_clip, pixels, tokens)
             step += 1
             n_window += pixels.shape[0] * world
-            loss_window += float(loss.detach())
+            loss_window += loss
             if cfg.log_every and (step % cfg.log_every == 0 or step == total):
                 now = time.perf_counter()
                 n_logged = step - (history["step"][-1] if history["step"] else 0)

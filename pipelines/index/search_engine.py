@@ -183,13 +183,9 @@ class ImageSearchEngine:
 
         folder = Path(directory)
         index_path, ids_path = folder / INDEX_FILE, folder / IDS_FILE
-        for p in (index_path, ids_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"search index incomplete: {p} is missing")
-        try:
-            meta = json.loads(ids_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{ids_path}: invalid JSON: {e}") from e
+        if not index_path.is_file():
+            raise FileNotFoundError(f"search index incomplete: {index_path} is missing")
+        meta = _read_ids_file(ids_path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{ids_path}: not a search index written by this engine ({FORMAT})")
         index = faiss.deserialize_index(np.frombuffer(index_path.read_bytes(), dtype=np.uint8))
@@ -206,12 +202,16 @@ class ImageSearchEngine:
         """Open a saved index; the dimension comes from the file when no encoder is given."""
         dim = None
         if encoder is None:
-            ids_path = Path(directory) / IDS_FILE
-            if not ids_path.is_file():
-                raise FileNotFoundError(f"search index incomplete: {ids_path} is missing")
-            try:
-                meta = json.loads(ids_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{ids_path}: invalid JSON: {e}") from e
+            meta = _read_ids_file(Path(directory) / IDS_FILE)
             dim = meta.get("dim") if isinstance(meta, dict) else None
         return cls(encoder, dim=dim).load(directory)
+
+
+def _read_ids_file(path: Path) -> Any:
+    """The parsed ids file of a saved engine; a missing or unparsable one says which file it is."""
+    if not path.is_file():
+        raise FileNotFoundError(f"search index incomplete: {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
