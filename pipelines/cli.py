@@ -2,8 +2,9 @@
 
 Jobs (``run``, ``embed``, ``label``, ``caption``, ``index``) take ``-c CONFIG`` (optional; the
 config dataclasses' defaults apply without it) and ``section.key=value`` overrides. Tools
-(``search``, ``train``, ``export``, ``demo``) have their own flags and live in their own modules,
-imported only when used, so a missing optional part fails that subcommand alone, clearly.
+(``search``, ``train``, ``export``, ``demo``, ``manifest``) have their own flags and live in their
+own modules, imported only when used, so a missing optional part fails that subcommand alone,
+clearly.
 
 Exit status: 0 when the job finished (``_SUCCESS`` written); 2 for a bad command line or config;
 1 for any other job-level failure. Failures print one ``clip-etl: error: ...`` line on stderr
@@ -33,6 +34,8 @@ TOOLS: dict[str, tuple[str, str, str, str]] = {
     "train": ("pipelines.train.job", "add_train_arguments", "run_train", "train or fine-tune a CLIP model"),
     "export": ("clip_core.export", "add_export_arguments", "run_export", "export a model to ONNX / int8 / TorchScript"),
     "demo": ("pipelines.demo.run", "add_demo_arguments", "run_demo", "run the bundled demo end to end"),
+    "manifest": ("pipelines.manifest", "add_manifest_arguments", "run_manifest",
+                 "write a manifest Parquet listing a folder of images (local or s3://)"),
 }
 
 

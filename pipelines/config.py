@@ -56,6 +56,9 @@ class InputConfig:
     max_rows: Optional[int] = None
     # Read the id column up front and refuse duplicate or null ids (costs one column scan).
     check_unique_ids: bool = True
+    # Folders (local) or s3:// prefixes that image paths must lie in, checked after resolving
+    # symlinks and ".."; a path outside them is the row error image.not_allowed. null: any path.
+    allowed_roots: Optional[list[str]] = None
 
 
 @dataclass
@@ -122,6 +125,9 @@ class DecodeConfig:
     jpeg_draft: bool = True
     # Texts longer than the model's context are truncated (true) or errors (false).
     truncate_text: bool = True
+    # Seconds one image may take to fetch, and again to decode; a slower one is the row error
+    # image.timeout and the worker moves on. null: no limit.
+    timeout_s: Optional[float] = 60.0
 
 
 @dataclass
@@ -192,6 +198,9 @@ class IndexConfig:
     memory_budget_gb: float = 4.0
     # recall@10 the tuned index must reach against exact search.
     target_recall: float = 0.95
+    # Real queries to tune on: a .npy or a Parquet file with an embedding_column (local or s3://);
+    # null: the index's held-out rows perturbed off the data.
+    tuning_queries: Optional[str] = None
     # Also write one merged index next to the shards.
     merge: bool = False
 
@@ -227,6 +236,10 @@ class RayConfig:
     num_cpus: Optional[int] = None
     # Object store of the embedded local Ray in MiB. null: Ray's default.
     object_store_mb: Optional[int] = None
+    # Times a task whose worker died (killed, out of memory, a crash) is retried, and a model
+    # actor that died is restarted; past that the job fails with the cause instead of retrying
+    # forever (Ray Data's default, which hangs on a model that crashes every time it loads).
+    max_retries: int = 3
 
 
 @dataclass
@@ -492,6 +505,8 @@ def validate(cfg: PipelineConfig) -> None:
         "label.top_k": cfg.label.top_k,
         "s3.max_attempts": cfg.s3.max_attempts,
     }
+    if cfg.ray.max_retries < 0:
+        raise ConfigError(f"config key 'ray.max_retries' must be >= 0, got {cfg.ray.max_retries}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
@@ -507,6 +522,10 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"config key {key!r} must be >= 1 or null, got {value}")
     if cfg.output.lease_timeout_s <= 0:
         raise ConfigError(f"config key 'output.lease_timeout_s' must be > 0, got {cfg.output.lease_timeout_s}")
+    if cfg.decode.timeout_s is not None and cfg.decode.timeout_s <= 0:
+        raise ConfigError(f"config key 'decode.timeout_s' must be > 0 or null, got {cfg.decode.timeout_s}")
+    if cfg.input.allowed_roots is not None and not all(isinstance(r, str) and r for r in cfg.input.allowed_roots):
+        raise ConfigError("config key 'input.allowed_roots' must be a list of folders or s3:// prefixes, or null")
     if cfg.decode.placement not in ("auto", "tasks", "actors"):
         raise ConfigError(f"config key 'decode.placement' must be auto, tasks or actors; got {cfg.decode.placement!r}")
     for key, value, least in (("decode.num_cpus", cfg.decode.num_cpus, "> 0"),
@@ -520,6 +539,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
     if cfg.index.memory_budget_gb <= 0:
         raise ConfigError(f"config key 'index.memory_budget_gb' must be > 0, got {cfg.index.memory_budget_gb}")
+    if cfg.index.tuning_queries is not None and not str(cfg.index.tuning_queries).endswith((".parquet", ".npy")):
+        raise ConfigError("config key 'index.tuning_queries' must be a .parquet or .npy file or null, "
+                          f"got {cfg.index.tuning_queries!r}")
     if cfg.index.embedding_column not in ("image_embedding", "text_embedding"):
         raise ConfigError(
             "config key 'index.embedding_column' must be image_embedding or text_embedding, "

@@ -5,6 +5,10 @@ retries are configured once. Writes are atomic: data goes to a temporary name in
 directory and is renamed (local) or uploaded in one PUT (S3, where an object appears whole or
 not at all), so a reader never sees a half-written file. Local copies of S3 files and folders
 (:func:`fetch_to_local`) are published the same way.
+
+Every S3 request attempt of the process is counted (:func:`s3_request_counts`), with the attempts
+that failed transiently (5xx, throttling, a reset or a timeout) by cause, so that a run can say
+in ``_run.json`` how hard it had to retry instead of hiding it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +66,43 @@ class S3Options:
         return opts
 
 
+# This process's S3 request attempts: "attempts", and "failed.<cause>" for each transient failure.
+_S3_REQUESTS: Counter = Counter()
+_COUNTING_SESSION: Any = None
+
+
+def count_s3_response(response_dict: dict | None = None, exception: BaseException | None = None, **_) -> None:
+    """botocore's ``response-received`` hook: one HTTP attempt and, if it failed, why."""
+    _S3_REQUESTS["attempts"] += 1
+    status = (response_dict or {}).get("status_code")
+    if exception is not None:
+        _S3_REQUESTS[f"failed.{type(exception).__name__}"] += 1
+    elif status is not None and (status >= 500 or status == 429):
+        _S3_REQUESTS[f"failed.http_{status}"] += 1
+
+
+def s3_request_counts() -> Counter:
+    """A snapshot of this process's S3 request counts (see :func:`s3_requests_since`)."""
+    return Counter(_S3_REQUESTS)
+
+
+def s3_requests_since(before: Counter) -> dict[str, int]:
+    """The requests this process made since the snapshot ``before`` (empty when none)."""
+    return dict(_S3_REQUESTS - before)
+
+
+def _counting_session():
+    """One aiobotocore session per process with the counting hook, shared by every s3fs client."""
+    global _COUNTING_SESSION
+    if _COUNTING_SESSION is None:
+        import aiobotocore.session
+
+        session = aiobotocore.session.AioSession()
+        session.register("response-received.s3", count_s3_response)
+        _COUNTING_SESSION = session
+    return _COUNTING_SESSION
+
+
 def is_s3(path: str) -> bool:
     return str(path).startswith(("s3://", "s3a://"))
 
@@ -85,7 +127,7 @@ def fsspec_filesystem(path: str, s3: S3Options | None = None) -> fsspec.Abstract
     if is_s3(path):
         import s3fs
 
-        return s3fs.S3FileSystem(**(s3 or S3Options()).storage_options())
+        return s3fs.S3FileSystem(session=_counting_session(), **(s3 or S3Options()).storage_options())
     return fsspec.filesystem("file")
 
 

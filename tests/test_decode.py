@@ -1,5 +1,6 @@
-"""The decode stage's own mechanics: decoding stays on the task's one thread while fetches run
-ahead (bounded), and ``jpeg_draft`` is the fast path with the exact path one setting away."""
+"""The decode stage's own mechanics: a decode task decodes one image at a time while fetches run
+ahead (bounded), one slow file costs at most ``decode.timeout_s``, paths stay inside
+``input.allowed_roots``, and ``jpeg_draft`` is the fast path with the exact path one setting away."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from clip_core.preprocess import image_transform, load_image, resize_crop
 from clip_core.tokenizer import get_default_tokenizer
@@ -31,35 +33,110 @@ def _write_jpegs(root, n: int, size=(400, 300)) -> list[str]:
     return names
 
 
-def test_decoding_runs_on_the_calling_thread_and_fetches_are_bounded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("timeout_s", [60.0, None])
+def test_decoding_is_one_image_at_a_time_and_fetches_are_bounded(tmp_path, monkeypatch, timeout_s):
     names = _write_jpegs(tmp_path, 12)
-    decode_threads, in_flight, peak = set(), [0], [0]
+    decode_threads, in_flight, peak = set(), [0, 0], [0, 0]  # [fetches, decodes]
     lock = threading.Lock()
     real_fetch, real_decode = decode_mod.fetch_image_bytes, decode_mod.decode_fetched
 
-    def slow_fetch(value, manifest_dir, opts):
+    def counted(k: int, fn, *args):
         with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.02)
+            in_flight[k] += 1
+            peak[k] = max(peak[k], in_flight[k])
         try:
-            return real_fetch(value, manifest_dir, opts)
+            return fn(*args)
         finally:
             with lock:
-                in_flight[0] -= 1
+                in_flight[k] -= 1
+
+    def slow_fetch(value, manifest_dir, opts):
+        def fetch():
+            time.sleep(0.02)
+            return real_fetch(value, manifest_dir, opts)
+        return counted(0, fetch)
 
     def recording_decode(data, where, opts):
         decode_threads.add(threading.get_ident())
-        return real_decode(data, where, opts)
+        return counted(1, real_decode, data, where, opts)
 
     monkeypatch.setattr(decode_mod, "fetch_image_bytes", slow_fetch)
     monkeypatch.setattr(decode_mod, "decode_fetched", recording_decode)
-    pixels, errors = decode_images(names + ["missing.jpg", None], [0] * 14, _options(tmp_path, io_threads=3))
-    assert decode_threads == {threading.get_ident()}  # one CPU-bound thread per task
+    opts = _options(tmp_path, io_threads=3, timeout_s=timeout_s)
+    pixels, errors = decode_images(names + ["missing.jpg", None], [0] * 14, opts)
+    assert peak[1] == 1  # one CPU-bound decode at a time per task
+    if timeout_s is None:  # no limit to watch: decoding stays on the calling thread
+        assert decode_threads == {threading.get_ident()}
     assert 2 <= peak[0] <= 3  # fetches overlapped, never more than io_threads at once
     assert all(p is not None for p in pixels[:12]) and errors[:12] == [None] * 12
     assert errors[12].startswith("image.missing_file") and pixels[12] is None  # order kept around errors
     assert pixels[13] is None and errors[13] is None  # a null cell is no error
+
+
+@pytest.mark.parametrize("decode_threads", [1, 2])
+def test_a_slow_decode_times_out_and_the_batch_moves_on(tmp_path, monkeypatch, decode_threads):
+    names = _write_jpegs(tmp_path, 6)
+    release = threading.Event()
+    real_decode = decode_mod.decode_fetched
+
+    def decode_that_hangs_on_2(data, where, opts):
+        if where.endswith("2.jpg"):
+            release.wait(30)  # a decoder stuck in C: nothing can interrupt it
+        return real_decode(data, where, opts)
+
+    monkeypatch.setattr(decode_mod, "decode_fetched", decode_that_hangs_on_2)
+    t0 = time.monotonic()
+    pixels, errors = decode_images(names, [0] * 6, _options(tmp_path, timeout_s=0.5, decode_threads=decode_threads))
+    elapsed = time.monotonic() - t0
+    release.set()
+    assert elapsed < 5, elapsed
+    assert errors[2].startswith("image.timeout: decoding the image took longer than 0.5 s") and pixels[2] is None
+    assert all(p is not None for k, p in enumerate(pixels) if k != 2)
+    assert [e for k, e in enumerate(errors) if k != 2] == [None] * 5
+
+
+def test_a_fetch_that_hangs_times_out(tmp_path, monkeypatch):
+    names = _write_jpegs(tmp_path, 4)
+    release = threading.Event()
+    real_fetch = decode_mod.fetch_image_bytes
+
+    def fetch_that_hangs_on_1(value, manifest_dir, opts):
+        if value == "1.jpg":
+            release.wait(30)  # a stalled network mount or S3 connection
+        return real_fetch(value, manifest_dir, opts)
+
+    monkeypatch.setattr(decode_mod, "fetch_image_bytes", fetch_that_hangs_on_1)
+    t0 = time.monotonic()
+    pixels, errors = decode_images(names, [0] * 4, _options(tmp_path, timeout_s=0.5, io_threads=2))
+    elapsed = time.monotonic() - t0
+    release.set()
+    assert elapsed < 5, elapsed
+    assert errors[1].startswith("image.timeout: fetching the image") and pixels[1] is None
+    assert errors[0] is errors[2] is errors[3] is None and None not in (pixels[0], pixels[2], pixels[3])
+
+
+def test_allowed_roots_follow_symlinks_and_dotdot(tmp_path):
+    from pipelines.etl.decode import RowError, allowed_path
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (tmp_path / "data" / "ok.png").write_bytes(b"x")
+    (tmp_path / "data" / "link.png").symlink_to(tmp_path / "secret.png")
+    (tmp_path / "data2").mkdir()  # shares a name prefix with the root, but is not inside it
+    roots = (str(tmp_path / "data"),)
+    assert allowed_path(str(tmp_path / "data" / "ok.png"), roots) == str(tmp_path / "data" / "ok.png")
+    assert allowed_path(str(tmp_path / "x" / "ok.png"), ()) == str(tmp_path / "x" / "ok.png")  # no roots: anything
+    for bad in (tmp_path / "data" / "link.png", tmp_path / "data" / ".." / "secret.png", tmp_path / "data2" / "a.png"):
+        with pytest.raises(RowError) as e:
+            allowed_path(str(bad), roots)
+        assert e.value.cause == "not_allowed"
+    s3_roots = ("s3://bucket/images/",)
+    assert allowed_path("s3://bucket/images/a/b.jpg", s3_roots) == "s3://bucket/images/a/b.jpg"
+    for bad in ("s3://bucket/images/../private/x.jpg", "s3://bucket/imagesX/a.jpg", "s3://other/images/a.jpg",
+                str(tmp_path / "data" / "ok.png")):
+        with pytest.raises(RowError) as e:
+            allowed_path(bad, s3_roots)
+        assert e.value.cause == "not_allowed"
 
 
 def test_jpeg_draft_is_the_default_and_false_is_the_exact_path(tmp_path):

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -26,6 +27,7 @@ import pytest
 from pipelines.index import build as index_build
 from pipelines.index import merge_topk, open_index
 from pipelines.index.build import CRASH_ENV, IndexBuildError, build_index, extract_vectors, plan_shards
+from pipelines.index.tuning import nn_distance_estimate, query_hits, recall_interval, wilson_interval
 from pipelines.index.select import (
     GIB,
     choose_index,
@@ -93,6 +95,32 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def recall(found_ids: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found_ids, truth)]))
+
+
+def median_nn_distance(vectors: np.ndarray, probes: int = 1000) -> float:
+    """Exact median distance from a stored vector to its nearest other stored vector."""
+    scores, _ = faiss.knn(vectors[:probes], vectors, 2, metric=faiss.METRIC_INNER_PRODUCT)
+    return float(np.median(np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores[:, 1]))))
+
+
+def noisy_copies(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
+    """Queries unlike the stored vectors: ``n`` stored rows plus isotropic noise of norm ``noise``
+    times the data's median nearest-neighbour distance, re-normalized."""
+    rng = np.random.default_rng(seed)
+    src = base[rng.choice(len(base), n, replace=False)]
+    scale = noise * median_nn_distance(base) / np.sqrt(base.shape[1])
+    q = src + scale * rng.standard_normal(src.shape).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_recall(index_dir: Path, base: np.ndarray, queries: np.ndarray) -> float:
+    """recall@10 of the built index on ``queries`` against exact search (IndexFlatIP) over ``base``,
+    whose row i has id img-i."""
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    _, truth = flat.search(queries, 10)
+    _, ids = open_index(str(index_dir)).search(queries, 10)
+    return recall(ids, np.array([f"img-{i:06d}" for i in range(len(base))])[truth])
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +301,21 @@ def test_ivf_recall_reaches_target_and_records_tuning(small, tmp_path, ray_clust
     assert meta["target_reached"] and meta["recall"]["10"] >= 0.95
     assert meta["search_params"].startswith("nprobe=")
     trials = meta["tuning"]["trials"]
-    assert trials[-1]["params"] == meta["search_params"] and trials[-1]["recall@10"] >= 0.95
-    assert all(t["recall@10"] < 0.95 for t in trials[:-1])  # the first (fastest) setting that reaches it
+    assert trials[-1]["params"] == meta["search_params"] and trials[-1]["recall@10_low"] >= 0.95
+    # the first (fastest) setting whose lower bound reaches it, not its mean
+    assert all(t["recall@10_low"] < 0.95 for t in trials[:-1])
+    assert all(t["recall@10_low"] <= t["recall@10"] <= t["recall@10_high"] for t in trials)
+    chosen = meta["tuning"]["recall@10"]
+    assert chosen["estimate"] == meta["recall"]["10"] == trials[-1]["recall@10"]
+    assert chosen["confidence"] == 0.95 and chosen["queries"] == meta["tuning"]["queries"] == 600
+    source = meta["tuning"]["query_source"]
+    assert source["source"] == "perturbed_held_out" and source["noise"] == 2.0
+    assert source["noise_norm"] == pytest.approx(2.0 * source["nn_distance"], rel=1e-4)
+    # the spacing estimate is the spacing of the data (here the sample is nearly all of it)
+    assert source["nn_distance"] == pytest.approx(median_nn_distance(vecs), rel=0.1)
+    timings = meta["timings"]
+    assert {"sample_s", "queries_s", "train_s", "add_s", "tune_s", "merge_s", "measure_s"} <= set(timings)
+    assert set(timings["shard_tasks"]) == {"read_s", "ground_truth_s", "add_s", "write_s"}
     # independent check on fresh queries (not from the data) against exact search
     queries = clustered(6300, 48, clusters=40, latent=16, seed=1)[6000:]  # same mixture, unseen points
     base = np.delete(vecs, np.arange(60) * 7, axis=0)
@@ -409,7 +450,8 @@ def test_driver_reads_no_results_or_index_data(small, tmp_path, ray_cluster, mon
     def forbidden(*args, **kwargs):
         raise AssertionError("the driver read data")
 
-    for name in ("iter_row_range", "read_sample", "_extract", "_read_queries", "_read_npz", "load_shards"):
+    for name in ("iter_row_range", "read_sample", "_extract", "_read_queries", "_read_tuning_vectors", "_read_npz",
+                 "load_shards"):
         monkeypatch.setattr(index_build, name, forbidden)
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", forbidden)
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", forbidden)
@@ -459,6 +501,13 @@ def test_bad_inputs_fail_clearly(tmp_path, ray_cluster):
         build_index(str(tmp_path / "r"), str(tmp_path / "i"), embedding_column="text_embedding", progress=False)
     with pytest.raises(IndexBuildError, match="invalid FAISS factory"):
         build_index(str(tmp_path / "r"), str(tmp_path / "i"), factory="NotAnIndex", progress=False)
+    with pytest.raises(IndexBuildError, match="index.tuning_queries: .*q.npy does not exist"):
+        build_index(str(tmp_path / "r"), str(tmp_path / "i"), tuning_query_file=str(tmp_path / "q.npy"),
+                    progress=False)
+    np.save(tmp_path / "q.npy", np.ones((5, 7), np.float32))
+    with pytest.raises(IndexBuildError, match=r"index.tuning_queries: .*shape \(5, 7\), not \[Q, 8\]"):
+        build_index(str(tmp_path / "r"), str(tmp_path / "i"), tuning_query_file=str(tmp_path / "q.npy"),
+                    progress=False)
     with pytest.raises(FileNotFoundError, match="no finished index"):
         open_index(str(tmp_path / "i"))
 
@@ -471,6 +520,149 @@ def test_mmap_and_in_memory_loading_agree(small, tmp_path, ray_cluster):
     sa, ia = a.search(vecs[:50], 10)
     sb, ib = b.search(vecs[:50], 10)
     assert (ia == ib).all() and np.array_equal(sa, sb)
+
+
+# ---------------------------------------------------------- tuning queries and the bound ---
+
+def test_recall_interval_covers_the_mean_when_misses_come_together():
+    """A query's misses come together (one missed list loses several neighbours): counted as
+    independent hits, the interval would cover the true recall far less often than it says."""
+    rng = np.random.default_rng(0)
+    true_recall = 1 - 0.03 * 0.5  # 3% of queries lose 5 of their 10 neighbours
+    covered = naive = 0
+    for _ in range(400):
+        hits = np.where(rng.random(1000) < 0.03, 5, 10)
+        trials = np.full(1000, 10)
+        iv = recall_interval(hits, trials, 0.95)
+        covered += iv.low <= true_recall <= iv.high
+        lo, hi = wilson_interval(hits.sum() / trials.sum(), trials.sum(), 1.96)
+        naive += lo <= true_recall <= hi
+        assert iv.low <= iv.estimate <= iv.high
+    assert covered / 400 >= 0.92
+    assert naive / 400 < 0.8  # what the design effect corrects
+
+
+def test_recall_interval_edges():
+    perfect = recall_interval(np.full(1000, 10), np.full(1000, 10), 0.95)
+    assert perfect.estimate == perfect.high == 1.0 and 0.999 < perfect.low < 1.0
+    assert perfect.reaches(1.0)  # nothing missed: no larger setting can show more
+    spread = recall_interval(np.r_[np.full(50, 9), np.full(950, 10)], np.full(1000, 10), 0.95)
+    clumped = recall_interval(np.r_[np.full(10, 5), np.full(990, 10)], np.full(1000, 10), 0.95)
+    assert spread.estimate == clumped.estimate == 0.995
+    assert clumped.low < spread.low and clumped.effective_queries < spread.effective_queries
+    assert not clumped.reaches(0.995) and clumped.reaches(clumped.low)
+    # fewer neighbours than k (a tiny index): only the true ones count
+    hits, trials = query_hits(np.array([[3, 4, -1]]), np.array([[4, -1, -1]]), 3)
+    assert hits.tolist() == [1] and trials.tolist() == [1]
+
+
+def test_nn_distance_estimate_extrapolates_from_a_sample():
+    data = clustered(32_000, 32, clusters=60, latent=12, seed=4)
+    probes, rows = data[:500], data[500:]
+    exact = nn_distance_estimate(probes, rows, len(rows))["nn_distance"]
+    est = nn_distance_estimate(probes, rows[:4000], len(rows))
+    assert est["sample_rows"] == 4000 and est["log_slope"] < 0
+    assert est["nn_distance_in_sample"] > 1.1 * exact  # a sample is sparser ...
+    assert est["nn_distance"] == pytest.approx(exact, rel=0.05)  # ... and the extrapolation corrects it
+
+
+def test_tuning_queries_config_key():
+    from pipelines.config import ConfigError, load_config
+
+    assert load_config(None).index.tuning_queries is None
+    assert load_config(None, ["index.tuning_queries=s3://b/q.parquet"]).index.tuning_queries == "s3://b/q.parquet"
+    with pytest.raises(ConfigError, match="index.tuning_queries"):
+        load_config(None, ["index.tuning_queries=queries.csv"])
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    """20,000 x 48 clustered vectors in results files."""
+    folder = tmp_path_factory.mktemp("spread")
+    vecs = clustered(20_000, 48, clusters=100, latent=16, seed=11)
+    write_results(folder / "results", vecs, files=2, row_group=5000)
+    return folder, vecs
+
+
+@pytest.mark.parametrize("factory", ["IVF256,Flat", "HNSW16"])
+def test_recall_target_holds_for_queries_unlike_the_data(spread, tmp_path, ray_cluster, factory):
+    """Queries that are noisy copies of stored rows (noise 2.5 times the rows' spacing) are harder
+    than the rows: tuned by the mean recall of unperturbed rows of the data, these indexes take
+    nprobe=20 / efSearch=32 and reach 0.989 / 0.986 on them; tuned on perturbed rows by the lower
+    bound, they reach 0.995."""
+    folder, vecs = spread
+    meta = build_index(str(folder / "results"), str(tmp_path / "index"), factory=factory, target_recall=0.995,
+                       progress=False)
+    assert meta["target_reached"] and meta["tuning"]["query_source"]["source"] == "perturbed_held_out"
+    chosen = meta["tuning"]["recall@10"]
+    assert chosen["low"] >= 0.995 and chosen["queries"] == 1000
+    measured = exact_recall(tmp_path / "index", vecs, noisy_copies(vecs, 2000, 2.5, seed=21))
+    assert measured >= 0.995 - 0.002, (measured, meta["search_params"])
+
+
+def test_tuning_queries_file_is_used(spread, tmp_path, ray_cluster):
+    """``index.tuning_queries``: the build tunes on the file's queries and records them; the interval
+    it records holds the recall measured on fresh queries of the same kind."""
+    folder, vecs = spread
+    kind = partial(noisy_copies, vecs, noise=3.0)  # harder than the default perturbation
+    queries = kind(1500, seed=31)
+    path = tmp_path / "queries.parquet"
+    pq.write_table(pa.table({"image_embedding": pa.array(list(queries), type=pa.list_(pa.float32(), 48)),
+                             "text": pa.array(["q"] * len(queries))}), path)
+    meta = build_index(str(folder / "results"), str(tmp_path / "index"), factory="IVF256,Flat", target_recall=0.99,
+                       tuning_query_file=str(path), progress=False)
+    source = meta["tuning"]["query_source"]
+    assert source == {"source": "file", "path": str(path), "rows_in_file": 1500}
+    chosen = meta["tuning"]["recall@10"]
+    assert meta["tuning"]["queries"] == chosen["queries"] == 1000  # at most 1000 of the file's queries
+    assert chosen["low"] <= chosen["estimate"] <= chosen["high"] and chosen["low"] >= 0.99
+    measured = exact_recall(tmp_path / "index", vecs, kind(2000, seed=32))
+    assert chosen["low"] <= measured <= chosen["high"], (measured, chosen)
+    plan = json.loads((tmp_path / "index" / "_build" / "plan.json").read_text())
+    assert plan["tuning"]["source"] == "file" and plan["tuning"]["file"]["size"] == path.stat().st_size
+    # the default build tunes on easier queries: a faster setting, which falls short on these
+    default = build_index(str(folder / "results"), str(tmp_path / "default"), factory="IVF256,Flat",
+                          target_recall=0.99, progress=False)
+    nprobe = lambda m: int(m["search_params"].split("=")[1])  # noqa: E731
+    assert nprobe(default) < nprobe(meta)
+    assert exact_recall(tmp_path / "default", vecs, kind(2000, seed=32)) < 0.99
+
+
+@pytest.fixture(scope="module")
+def demo_embeddings():
+    """Image embeddings of 1000 generated shape pictures and text embeddings of 500 captions of
+    others, from the bundled demo model: outside queries of another modality."""
+    from clip_core.encoders import load_encoder
+    from pipelines.demo.sample_data import COLORS, SHAPES, caption, draw, sample_spec
+
+    encoder = load_encoder(str(REPO / "clip_core" / "assets" / "demo-model.safetensors"), backend="torch",
+                           precision="fp32", device="cpu", num_threads=1)
+    pixels, captions = [], []
+    for i in range(1500):
+        rng = np.random.default_rng([9, i])
+        spec = sample_spec(rng, SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))])
+        if i < 1000:
+            pixels.append(encoder.preprocess(draw(spec, 64, rng)))
+        else:
+            captions.append(caption(rng, spec))
+    return encoder.encode_images(np.stack(pixels)), encoder.encode_texts(captions)
+
+
+def test_demo_text_queries_against_image_embeddings(demo_embeddings, tmp_path, ray_cluster):
+    """Texts searching images sit much further from them than images from each other (the
+    modality gap): noise does not make held-out images into text queries, a sample of texts does."""
+    images, texts = demo_embeddings
+    write_results(tmp_path / "results", images, files=1, row_group=1000)
+    np.save(tmp_path / "texts.npy", texts[:250])
+    kw = dict(factory="IVF16,Flat", target_recall=0.95, progress=False)
+    tuned = build_index(str(tmp_path / "results"), str(tmp_path / "texts"),
+                        tuning_query_file=str(tmp_path / "texts.npy"), **kw)
+    assert tuned["tuning"]["query_source"]["source"] == "file" and tuned["tuning"]["queries"] == 250
+    assert exact_recall(tmp_path / "texts", images, texts[250:]) >= 0.95 - 0.002
+    default = build_index(str(tmp_path / "results"), str(tmp_path / "default"), **kw)
+    assert default["target_reached"]  # on perturbed images: reached with fewer lists ...
+    assert int(default["search_params"][7:]) < int(tuned["search_params"][7:])
+    assert exact_recall(tmp_path / "default", images, texts[250:]) < 0.95  # ... that texts need more of
 
 
 # ----------------------------------------------------------------------------- recall ---
@@ -523,9 +715,15 @@ def test_s3_results_to_s3_index(small, tmp_path, s3_endpoint, ray_cluster, monke
     client.create_bucket(Bucket="bucket")
     for path in sorted((folder / "results").glob("*.parquet")):
         client.upload_file(str(path), "bucket", f"job/results/{path.name}")
+    np.save(tmp_path / "queries.npy", noisy_copies(vecs, 300, 2.0, seed=5))
+    client.upload_file(str(tmp_path / "queries.npy"), "bucket", "job/queries.npy")
     monkeypatch.setenv("CLIP_ETL_CACHE_DIR", str(tmp_path / "cache"))
     meta = build_index("s3://bucket/job/results", "s3://bucket/job/index", factory="IVF32,Flat", shards=2,
-                       merge=True, s3=s3, progress=False, tuning_queries=200)
+                       merge=True, s3=s3, progress=False, tuning_queries=200,
+                       tuning_query_file="s3://bucket/job/queries.npy")
+    assert meta["tuning"]["query_source"] == {"source": "file", "path": "s3://bucket/job/queries.npy",
+                                              "rows_in_file": 300}
+    assert meta["tuning"]["queries"] == 200  # tuning_queries caps the file's queries too
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="job/index/")["Contents"]}
     assert {"job/index/index.json", "job/index/shard-00000.faiss", "job/index/shard-00001.ids.parquet",
             "job/index/shard-queries.faiss", "job/index/_build/tuning_queries.parquet",
@@ -534,7 +732,7 @@ def test_s3_results_to_s3_index(small, tmp_path, s3_endpoint, ray_cluster, monke
     idx = open_index("s3://bucket/job", s3=s3)  # the job output root works too
     assert idx.ntotal == meta["count"] == 5940
     local = build_index(str(folder / "results"), str(tmp_path / "local"), factory="IVF32,Flat", shards=2,
-                        progress=False, tuning_queries=200)
+                        progress=False, tuning_queries=200, tuning_query_file=str(tmp_path / "queries.npy"))
     assert local["search_params"] == meta["search_params"]
     ref = open_index(str(tmp_path / "local"))
     sa, ia = idx.search(vecs[::40], 10)
@@ -619,6 +817,25 @@ def test_cli_text_and_image_use_recorded_model(built, tmp_path, capsys, monkeypa
                          capsys)
     assert code == 0 and json.loads(text)["id"] == "img-000009"
     assert seen["source"] == "other.pt" and seen["image_size"] == (10, 6) and seen["pixels"] == (1, 3, 4, 4)
+
+
+def test_index_json_without_tuning_interval_still_opens(built, tmp_path):
+    """An index built before tuning recorded its query source and interval opens and searches alike."""
+    import shutil
+
+    out, vecs = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "index.json").read_text())
+    meta["format"] = "clip-etl-index/2"
+    for key in ("query_source", "recall@10"):
+        del meta["tuning"][key]
+    for trial in meta["tuning"]["trials"]:
+        del trial["recall@10_low"], trial["recall@10_high"]
+    (old / "index.json").write_text(json.dumps(meta))
+    _, ids = open_index(str(old)).search(vecs[1:6], 3)  # row 0 is a failed row
+    assert ids[:, 0].tolist() == [f"img-{i:06d}" for i in range(1, 6)]
+    assert open_index(str(old)).meta["recall"] == meta["recall"]
 
 
 def test_cli_through_entrypoint(built):

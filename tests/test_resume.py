@@ -1,8 +1,10 @@
-"""Resume after SIGKILL: a real ``clip-etl run`` process is killed mid-way and run again.
+"""SIGKILL, for real: the driver of a ``clip-etl run`` process, or one of its Ray workers.
 
-The second run must keep every part the first one committed (same inode and mtime: not
-rewritten), do the rest, write every id exactly once, and give the same results as a run that
-was never interrupted.
+A killed driver: the second run must keep every part the first one committed (same inode and
+mtime: not rewritten), do the rest, write every id exactly once, and give the same results as a
+run that was never interrupted. A killed model actor or decode task: the same run finishes, every
+row once. A model actor that dies every time it starts: the job fails with one clear line
+instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from pipeline_fixtures import (
     CLIP_ETL,
     REPO,
+    _session_members,
     cli_env,
     embeddings,
     image_bytes,
@@ -145,3 +148,91 @@ def test_a_second_run_into_a_live_output_is_refused(slow_manifest, tiny_checkpoi
     record = json.loads((out / "_run.json").read_text())
     assert record["counts"]["shards_resumed"] == done_before and record["counts"]["rows_out"] == ROWS
     assert not (out / "_lease.json").exists()  # released at the end
+
+
+def _workers_titled(session: int, title: str) -> list[int]:
+    """Processes of the job's session whose Ray process title names ``title``."""
+    found = []
+    for pid in _session_members(session):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith("ray::") and title in cmdline:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize("victim, extra", [("EmbedActor", []), ("DecodeFn", ["decode.placement=tasks"])])
+def test_a_worker_killed_mid_run_loses_and_repeats_nothing(slow_manifest, tiny_checkpoint, tmp_path, victim, extra):
+    out = tmp_path / "out"
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([CLIP_ETL, *_args(slow_manifest, out, tiny_checkpoint), *extra], stdout=log,
+                            stderr=subprocess.STDOUT, env=cli_env(), cwd=str(REPO), start_new_session=True)
+    try:
+        # the model actor once a shard is committed; a decode task while it decodes
+        mid_run = (lambda: len(_parts(out)) >= 1) if victim == "EmbedActor" else (lambda: _workers_titled(proc.pid, victim))
+        running = wait_for(lambda: mid_run() or proc.poll() is not None, timeout=400, interval=0.02)
+        victims = _workers_titled(proc.pid, victim)
+        parts_at_kill = len(_parts(out))
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        rc = proc.wait(timeout=600)
+    finally:
+        kill_group(proc)
+        log.close()
+    text = (tmp_path / "run.log").read_text()
+    assert running and victims, f"nothing named {victim} to kill: {text[-2000:]}"
+    assert parts_at_kill < ROWS // SHARD  # killed before the end
+    assert rc == 0, text[-3000:]
+    table = read_results(out)
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == [f"id{i:03d}" for i in range(ROWS)]  # every row, once
+    assert table.column("status").to_pylist() == ["ok"] * ROWS
+    record = json.loads((out / "_run.json").read_text())
+    assert record["counts"]["rows_out"] == ROWS and record["counts"]["ok"] == ROWS
+
+
+# Loaded into every process of the job (PYTHONPATH): inside a Ray worker, the model actor's
+# constructor crashes the process, as a model whose load segfaults does.
+CRASHING_ACTOR = """
+import sys
+
+if any("default_worker" in a for a in sys.argv):
+    import importlib.abc, importlib.util, os, signal
+
+    class _Crash(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "pipelines.etl.embed":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            real_exec = spec.loader.exec_module
+
+            def exec_module(module):
+                real_exec(module)
+                module.EmbedActor.__init__ = lambda *a, **k: os.kill(os.getpid(), signal.SIGSEGV)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _Crash())
+"""
+
+
+def test_a_model_actor_that_keeps_dying_fails_the_job_clearly(slow_manifest, tiny_checkpoint, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASHING_ACTOR)
+    env = cli_env(PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([CLIP_ETL, *_args(slow_manifest, tmp_path / "out", tiny_checkpoint), "ray.max_retries=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)  # a hang would end here, as a failure
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 1, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("clip-etl: error:")]
+    assert len(lines) == 1 and "kept dying" in lines[0] and "ray.max_retries" in lines[0], err[-3000:]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -73,6 +73,7 @@ class ShardCommitter:
         self.in_flight: dict[Any, int] = {}  # compaction ObjectRef -> shard index
         self.committed: dict[int, dict[str, Any]] = {}  # shard index -> counts from its compaction
         self.stage_seconds: Counter = Counter()
+        self.s3_requests: Counter = Counter()  # S3 attempts and transient failures of the workers
         self.nodes: Counter = Counter()  # pieces written per node id
         self.encoders: set[str] = set()
         self.pieces_seen = 0
@@ -85,6 +86,7 @@ class ShardCommitter:
             self._check_encoder(row["encoder"])
             for stage, sec in json.loads(row["stage_seconds"]).items():
                 self.stage_seconds[stage] += sec
+            self.s3_requests.update(json.loads(row["s3_requests"] or "{}"))
             self.nodes[row["node"]] += 1
             self.pieces_seen += 1
             sid = row["shard"]
@@ -129,6 +131,7 @@ class ShardCommitter:
             stats = ray.get(done[0])
             self.committed[sid] = stats
             self.stage_seconds["commit"] += stats["seconds"]
+            self.s3_requests.update(stats.get("s3_requests", {}))
             self._report(sid, stats)
             self.heartbeat()
 

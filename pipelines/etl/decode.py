@@ -17,7 +17,9 @@ counted per cause in ``_run.json``, and travel with the exception (``ImageDecode
 cause               meaning
 ==================  ==========================================================================
 missing_file        the path does not exist (local or S3)
-not_a_file          the path is a directory
+not_a_file          the path is a directory, a pipe, a socket or a device
+not_allowed         the path lies outside ``input.allowed_roots`` (after symlinks and ``..``)
+not_utf8            the path (image) or the text is not valid UTF-8
 unreadable          permission denied, an I/O or network error after retries
 unsupported_uri     a URI scheme other than s3:// (http(s) is not fetched)
 empty_file          zero bytes
@@ -28,11 +30,17 @@ truncated           the image data ends early
 corrupt             a damaged header or image data
 unsupported_mode    a pixel format that cannot be converted to RGB
 preprocess_failed   the resize/crop step failed
+timeout             fetching or decoding took longer than ``decode.timeout_s``
 empty               (text) the text is empty or only whitespace
 too_long            (text) longer than the model's context and ``decode.truncate_text`` is false
 ==================  ==========================================================================
 
 A null image or text cell is not an error: that input is simply absent for the row.
+
+One file cannot stall a worker: fetches and decodes run on threads, and one that runs past
+``decode.timeout_s`` is given up (``timeout``) while the batch moves on. Python cannot stop a
+thread inside a C decoder or a blocked read, so that thread finishes on its own and is never
+waited for; ``decode.max_pixels`` and ``decode.max_image_bytes`` bound what it can cost.
 
 Images leave this stage resized and cropped but not normalised: ``uint8 [R, R, 3]``, a quarter of
 the float32 tensor, so the object store carries 4x less and the actor normalises a whole batch in
@@ -43,16 +51,20 @@ is needed.
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import storage as pio
 
@@ -84,6 +96,8 @@ class DecodeOptions:
     truncate_text: bool = True  # cut long texts instead of failing them
     io_threads: int = 8  # fetches in flight within one task
     decode_threads: int = 1  # images decoded at once: 1 in a decode task; the model's threads in a CPU actor
+    timeout_s: float | None = 60.0  # per image, for its fetch and for its decode; None: no limit
+    allowed_roots: tuple[str, ...] = ()  # absolute folders / s3:// prefixes images must lie in; () = anywhere
     s3: pio.S3Options | None = None  # S3 settings for s3:// image URIs
 
 
@@ -112,9 +126,83 @@ class RowError(Exception):
         self.detail = detail
 
 
+class NotUtf8:
+    """A string cell whose bytes are not valid UTF-8 (Parquet does not check them): it becomes
+    that row's ``not_utf8`` error instead of failing the whole batch's conversion to Python."""
+
+    def __init__(self, error: UnicodeDecodeError):
+        self.detail = f"byte 0x{error.object[error.start]:02x} at position {error.start} is not valid UTF-8"
+
+
+def column_values(table: pa.Table, name: str) -> list[Any]:
+    """A column as Python values, with :class:`NotUtf8` for string cells that are not UTF-8."""
+    col = table.column(name)
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    out: list[Any] = []
+    for raw in pc.cast(col, pa.large_binary()).to_pylist():
+        try:
+            out.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            out.append(NotUtf8(e))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _real_roots(roots: tuple[str, ...]) -> tuple[str, ...]:
+    """Local roots with their symlinks resolved on this node; s3:// prefixes ending in "/"."""
+    return tuple(r.rstrip("/") + "/" if pio.is_s3(r) else os.path.realpath(r) for r in roots)
+
+
+def allowed_path(path: str, roots: tuple[str, ...]) -> str:
+    """``path`` as it will be opened (symlinks and ``..`` resolved) when it lies in one of
+    ``roots``; raises the row error ``not_allowed`` otherwise. No roots: any path."""
+    if not roots:
+        return path
+    if pio.is_s3(path):
+        key = path.split("://", 1)[1]
+        if any(part in (".", "..") for part in key.split("/")):  # S3 keeps them literally; readers may not
+            raise RowError("not_allowed", f"'.' or '..' in an S3 key is refused with input.allowed_roots: {path}")
+        inside = [r for r in _real_roots(roots) if pio.is_s3(r) and path.startswith(r)]
+    else:
+        real = os.path.realpath(path)
+        inside = [r for r in _real_roots(roots) if not pio.is_s3(r) and os.path.commonpath([r, real]) == r]
+        path = real
+    if not inside:
+        raise RowError("not_allowed", f"outside input.allowed_roots: {path}")
+    return path
+
+
+def _read_local(path: str, limit: int) -> bytes:
+    """A regular file's bytes; a pipe, socket or device is refused before it can block a read."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise RowError("not_a_file", f"is a directory: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        raise RowError("not_a_file", f"not a regular file (a pipe, socket or device): {path}")
+    if st.st_size > limit:
+        raise RowError("too_large", f"file is {st.st_size} bytes, limit {limit}: {path}")
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def _read_s3(path: str, opts: DecodeOptions) -> bytes:
+    fs = pio.fsspec_filesystem(path, opts.s3)
+    key = pio.strip_scheme(path)
+    try:
+        # a ranged GET: an oversized object costs at most the limit, and no extra HEAD
+        return fs.cat_file(key, start=0, end=opts.max_image_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError):
+        if fs.isdir(key):
+            raise RowError("not_a_file", f"is a directory: {path}") from None
+        raise RowError("missing_file", f"no such file: {path}") from None
+
+
 def fetch_image_bytes(value: Any, manifest_dir: str, opts: DecodeOptions) -> tuple[bytes, str]:
     """(encoded bytes, where they came from) for one image cell; raises :class:`RowError`."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -122,30 +210,16 @@ def fetch_image_bytes(value: Any, manifest_dir: str, opts: DecodeOptions) -> tup
         if len(data) > opts.max_image_bytes:
             raise RowError("too_large", f"image bytes are {len(data)} bytes, limit {opts.max_image_bytes}")
         return data, "<bytes>"
+    if isinstance(value, NotUtf8):
+        raise RowError("not_utf8", f"image path: {value.detail}")
     if not isinstance(value, str) or not value.strip():
         raise RowError("missing_file", f"empty image path {value!r}")
     path = pio.resolve_relative(value.strip(), manifest_dir)
     if "://" in path and not pio.is_s3(path):
         raise RowError("unsupported_uri", f"only local paths and s3:// URIs are fetched: {path}")
     try:
-        if pio.is_s3(path):
-            fs = pio.fsspec_filesystem(path, opts.s3)
-            key = pio.strip_scheme(path)
-            try:
-                # a ranged GET: an oversized object costs at most the limit, and no extra HEAD
-                data = fs.cat_file(key, start=0, end=opts.max_image_bytes + 1)
-            except (FileNotFoundError, IsADirectoryError):
-                if fs.isdir(key):
-                    raise RowError("not_a_file", f"is a directory: {path}") from None
-                raise RowError("missing_file", f"no such file: {path}") from None
-        else:
-            if os.path.isdir(path):
-                raise RowError("not_a_file", f"is a directory: {path}")
-            size = os.path.getsize(path)
-            if size > opts.max_image_bytes:
-                raise RowError("too_large", f"file is {size} bytes, limit {opts.max_image_bytes}: {path}")
-            with open(path, "rb") as f:
-                data = f.read()
+        path = allowed_path(path, opts.allowed_roots)
+        data = _read_s3(path, opts) if pio.is_s3(path) else _read_local(path, opts.max_image_bytes)
     except RowError:
         raise
     except FileNotFoundError:
@@ -154,7 +228,7 @@ def fetch_image_bytes(value: Any, manifest_dir: str, opts: DecodeOptions) -> tup
         raise RowError("not_a_file", f"is a directory: {path}") from None
     except PermissionError:
         raise RowError("unreadable", f"permission denied: {path}") from None
-    except Exception as e:  # network errors after retries, odd filesystems
+    except Exception as e:  # network errors after retries, odd filesystems, NUL bytes in a path
         raise RowError("unreadable", f"{type(e).__name__}: {e}: {path}") from None
     if len(data) > opts.max_image_bytes:
         raise RowError("too_large", f"file is {len(data)} bytes, limit {opts.max_image_bytes}: {path}")
@@ -185,32 +259,86 @@ def decode_image(value: Any, manifest_dir: str, opts: DecodeOptions) -> np.ndarr
     return decode_fetched(*fetch_image_bytes(value, manifest_dir, opts), opts)
 
 
-def _prefetched(fetch: Callable[[int], Any], items: list[int], depth: int) -> Iterator[Any]:
+def _timeout_error(what: str, limit: float) -> RowError:
+    return RowError("timeout", f"{what} took longer than {limit:g} s (decode.timeout_s)")
+
+
+def _prefetched(fetch: Callable[[int], Any], items: list[int], depth: int, limit: float | None) -> Iterator[Any]:
     """``fetch(i)`` for each item, in order, with up to ``depth`` fetches running ahead in threads.
 
     Fetching waits on disks and S3, so threads hide its latency; the bound keeps a task's memory
-    at ``depth`` files rather than a whole batch of them.
+    at ``depth`` files rather than a whole batch of them. A fetch still running ``limit`` seconds
+    after it is waited for is given up: its item yields the ``timeout`` row error.
     """
-    if depth <= 1 or len(items) <= 1:
+    if limit is None and (depth <= 1 or len(items) <= 1):
         yield from (fetch(i) for i in items)
         return
-    with ThreadPoolExecutor(max_workers=min(depth, len(items))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(depth, len(items))))
+    try:
         pending = deque(pool.submit(fetch, i) for i in items[:depth])
-        for i in items[depth:]:
-            yield pending.popleft().result()
-            pending.append(pool.submit(fetch, i))
-        while pending:
-            yield pending.popleft().result()
+        for i in [*items[depth:], *[None] * len(pending)]:
+            try:
+                yield pending.popleft().result(timeout=limit)
+            except FutureTimeout:
+                yield _timeout_error("fetching the image", limit)
+            if i is not None:
+                pending.append(pool.submit(fetch, i))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a fetch that hangs is never waited for
+
+
+def _run_limited(fn: Callable[[Any], Any], items: Iterable[tuple[int, Any]], threads: int,
+                 limit: float | None) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(x))`` for every ``(i, x)``, or ``(i, RowError)``, on ``threads`` threads, in
+    completion order; a call running longer than ``limit`` seconds yields the ``timeout`` error.
+
+    Its thread cannot be stopped, so the calls that have not started move to a fresh pool; the
+    stuck one ends on its own. At most ``2 * threads`` items are held at once (memory bound).
+    """
+    started: dict[int, float] = {}
+
+    def call(i: int, x: Any) -> Any:
+        started[i] = time.monotonic()
+        return _call_or_error(fn, x)
+
+    pool = ThreadPoolExecutor(max_workers=threads)
+    pending: dict[Future, tuple[int, Any]] = {}
+    source = iter(items)
+    try:
+        while True:
+            for i, x in source:
+                pending[pool.submit(call, i, x)] = (i, x)
+                if len(pending) >= 2 * threads:
+                    break
+            if not pending:
+                return
+            done, _ = wait(pending, timeout=None if limit is None else min(0.25, limit / 2),
+                           return_when=FIRST_COMPLETED)
+            for f in done:
+                yield pending.pop(f)[0], f.result()
+            now = time.monotonic()
+            stuck = [f for f, (i, _) in pending.items() if limit is not None and now - started.get(i, now) > limit]
+            for f in stuck:
+                yield pending.pop(f)[0], _timeout_error("decoding the image", limit)
+            if stuck:
+                queued = [f for f in pending if f.cancel()]
+                pool.shutdown(wait=False)
+                pool = ThreadPoolExecutor(max_workers=threads)
+                for f in queued:
+                    i, x = pending.pop(f)
+                    pending[pool.submit(call, i, x)] = (i, x)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> tuple[list[bytes | None], list[str | None]]:
     """A column of image cells -> (uint8 [R, R, 3] pixel bytes or None, error or None).
 
-    Fetches run ahead in ``io_threads`` threads; decoding and resizing run in the calling thread,
-    one image at a time, so a task that reserves one CPU keeps to one CPU and never competes
-    with the model's threads. With ``decode_threads`` > 1 (decoding inside a CPU model actor,
-    while its model is idle) that many threads decode what the fetches deliver; PIL releases the
-    GIL while it decodes and resizes.
+    Fetches run ahead in ``io_threads`` threads; decoding and resizing run one image at a time
+    (on the calling thread when there is no time limit), so a task that reserves one CPU keeps
+    to one CPU and never competes with the model's threads. With ``decode_threads`` > 1
+    (decoding inside a CPU model actor, while its model is idle) that many threads decode what
+    the fetches deliver; PIL releases the GIL while it decodes and resizes.
     """
     pixels: list[bytes | None] = [None] * len(values)
     errors: list[str | None] = [None] * len(values)
@@ -221,23 +349,30 @@ def decode_images(values: list[Any], files: list[int], opts: DecodeOptions) -> t
         except RowError as e:
             return e
 
-    def decode(i: int, fetched: tuple[bytes, str] | RowError) -> None:
-        try:
-            if isinstance(fetched, RowError):
-                raise fetched
-            pixels[i] = decode_fetched(*fetched, opts).tobytes()
-        except RowError as e:
-            errors[i] = f"image.{e.cause}: {e.detail}"
+    def decode(fetched: tuple[bytes, str] | RowError) -> bytes:
+        if isinstance(fetched, RowError):
+            raise fetched
+        return decode_fetched(*fetched, opts).tobytes()
 
     todo = [i for i, v in enumerate(values) if v is not None]
-    ready = zip(todo, _prefetched(fetch, todo, opts.io_threads))
-    if opts.decode_threads > 1:  # in a CPU model actor, between its batches: the model's cores
-        with ThreadPoolExecutor(max_workers=opts.decode_threads) as pool:
-            list(pool.map(lambda item: decode(*item), ready))
-        return pixels, errors
-    for item in ready:
-        decode(*item)
+    ready = zip(todo, _prefetched(fetch, todo, opts.io_threads, opts.timeout_s))
+    if opts.timeout_s is None and opts.decode_threads <= 1:
+        results = ((i, _call_or_error(decode, x)) for i, x in ready)
+    else:
+        results = _run_limited(decode, ready, opts.decode_threads, opts.timeout_s)
+    for i, result in results:
+        if isinstance(result, RowError):
+            errors[i] = f"image.{result.cause}: {result.detail}"
+        else:
+            pixels[i] = result
     return pixels, errors
+
+
+def _call_or_error(fn: Callable[[Any], Any], x: Any) -> Any:
+    try:
+        return fn(x)
+    except RowError as e:
+        return e
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +388,9 @@ def tokenize_texts(values: list[Any], opts: DecodeOptions) -> tuple[list[bytes |
     for i, text in enumerate(values):
         if text is None:
             continue
-        if not isinstance(text, str):
+        if isinstance(text, NotUtf8):
+            errors[i] = f"text.not_utf8: {text.detail}"
+        elif not isinstance(text, str):
             errors[i] = f"text.corrupt: not a string ({type(text).__name__})"
         elif not text.strip():
             errors[i] = "text.empty: text is empty"
@@ -294,11 +431,11 @@ def decode_batch(table: pa.Table, opts: DecodeOptions) -> pa.Table:
     n = table.num_rows
     if opts.image_column:
         files = table.column(FILE_COL).to_pylist()
-        pixels, img_err = decode_images(table.column(opts.image_column).to_pylist(), files, opts)
+        pixels, img_err = decode_images(column_values(table, opts.image_column), files, opts)
     else:
         pixels, img_err = [None] * n, [None] * n
     if opts.text_column:
-        tokens, txt_err = tokenize_texts(table.column(opts.text_column).to_pylist(), opts)
+        tokens, txt_err = tokenize_texts(column_values(table, opts.text_column), opts)
     else:
         tokens, txt_err = [None] * n, [None] * n
     drop = [c for c in opts.drop_columns if c in table.column_names]
@@ -322,13 +459,15 @@ class DecodeFn:
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipelines.etl.read import add_stage_time
 
-        t0 = time.perf_counter()
+        t0, requests = time.perf_counter(), pio.s3_request_counts()
         out = decode_batch(table, self.opts)
-        return add_stage_time(out, "decode", time.perf_counter() - t0)
+        return add_stage_time(out, "decode", time.perf_counter() - t0, pio.s3_requests_since(requests))
 
 
-def decode_dataset(ds, opts: DecodeOptions, *, batch_size: int, num_cpus: float, concurrency: int | None):
-    """Thin Ray wrapper: the decode stage as stateless CPU tasks over a Dataset."""
+def decode_dataset(ds, opts: DecodeOptions, *, batch_size: int, num_cpus: float, concurrency: int | None,
+                   max_retries: int = 3):
+    """Thin Ray wrapper: the decode stage as stateless CPU tasks over a Dataset; a task whose worker
+    died is retried ``max_retries`` times (Ray Data's default is forever)."""
     kwargs: dict[str, Any] = {}
     if concurrency is not None:
         kwargs["concurrency"] = concurrency
@@ -343,6 +482,7 @@ def decode_dataset(ds, opts: DecodeOptions, *, batch_size: int, num_cpus: float,
         # tasks into the model actors, so decoding scales with the cluster's CPUs, not with the
         # number of actors.
         runtime_env={"env_vars": DECODE_ENV},
+        max_retries=max_retries,
         **kwargs,
     )
 
@@ -351,11 +491,14 @@ __all__ = [
     "DecodeFn",
     "DecodeOptions",
     "IMAGE_ERROR_COL",
+    "NotUtf8",
     "PIXELS_COL",
     "RowError",
     "TEXT_ERROR_COL",
     "TOKENS_COL",
+    "allowed_path",
     "block_rows",
+    "column_values",
     "decode_batch",
     "decode_dataset",
     "decode_fetched",

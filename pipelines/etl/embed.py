@@ -295,9 +295,12 @@ def embed_dataset(
     num_cpus: float,
     num_gpus: float,
     decode: Any = None,
+    max_retries: int = 3,
 ):
     """Thin Ray wrapper: the model stage as a fixed pool of :class:`EmbedActor` (decoding in the
-    actors when ``decode``, the decode options, is given)."""
+    actors when ``decode``, the decode options, is given). An actor that dies is restarted, and
+    its batches retried, ``max_retries`` times; Ray Data's default, forever, would make a model
+    that crashes on load hang the job instead of failing it."""
     import ray.data
 
     return ds.map_batches(
@@ -309,6 +312,8 @@ def embed_dataset(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         zero_copy_batch=True,
+        max_restarts=max_retries,
+        max_task_retries=max_retries,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -186,6 +187,8 @@ class _Run:
     lease: Any = None
     cpus: Any = None  # ray_runtime.StageCpus: what each model actor and decode task reserves
     decode_in_actors: bool = False  # the model actors decode their own batches (CPU actors)
+    s3_requests: Counter = field(default_factory=Counter)  # the workers' S3 attempts and failures
+    driver_s3_before: Counter = field(default_factory=pio.s3_request_counts)  # this process, at start
 
     @property
     def out(self) -> str:
@@ -242,6 +245,8 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
         lease = OutputLease(run.out, run.s3, timeout_s=cfg.output.lease_timeout_s, run_id=run.run_id).acquire()
     except LeaseHeldError as e:
         raise JobError(str(e)) from e
+    except Exception as e:  # a missing bucket, refused credentials: the first write to the output
+        raise JobError(f"cannot write to output {run.out}: {type(e).__name__}: {e}") from e
     with lease:  # heartbeats until the run ends, then released
         run.lease = lease
         stack = ExitStack()
@@ -285,6 +290,7 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
                        "caption": stages.caption, "index": cfg.index.enabled},
             "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "notes": run.notes,
+            "s3_requests": {"driver": pio.s3_requests_since(run.driver_s3_before), "workers": dict(run.s3_requests)},
             "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
         }
         pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
@@ -360,7 +366,8 @@ def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
         "caption": None if stages.vocabulary is None else {"vocabulary": _sha(stages.vocabulary)},
         "decode": {"max_pixels": cfg.decode.max_pixels, "max_image_bytes": cfg.decode.max_image_bytes,
                    "exif_transpose": cfg.decode.exif_transpose, "jpeg_draft": cfg.decode.jpeg_draft,
-                   "truncate_text": cfg.decode.truncate_text},
+                   "truncate_text": cfg.decode.truncate_text,
+                   **({"allowed_roots": list(_allowed_roots(cfg.input.allowed_roots))} if cfg.input.allowed_roots else {})},
     }
     plan = plan_to_dict(manifest, shards, cfg.output.shard_size, cfg.input.max_rows, settings)
     plan_path = run.path(PLAN_FILE)
@@ -416,6 +423,8 @@ def _prepare_output(run: _Run, shards, done, pending) -> bool:
 def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _Stages, gpus: float):
     """Step 6: read -> decode -> embed -> write pieces on the cluster; the driver commits shards
     from the pieces' metadata. Returns (counts per committed shard, Ray facts for the record)."""
+    import ray
+
     from pipelines.etl.commit import ModelMismatchError, ShardCommitter
     from pipelines.etl.decode import DECODE_ENV, block_rows, decode_dataset
     from pipelines.etl.embed import ModelSpec, StageSpec, actor_threads, embed_dataset
@@ -432,17 +441,20 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     # bytes images are read with their shard: a smaller read would re-read the shard's row groups
     rows = None if manifest.image_is_bytes else block_rows(int(encoder.image_size) if stages.images else None,
                                                            cfg.decode.batch_size)
-    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows)
+    retries = cfg.ray.max_retries
+    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows,
+                      max_retries=retries)
     decode = _decode_options(run, manifest, encoder)
     if run.decode_in_actors:
         decode = replace(decode, decode_threads=actor_threads(run.cpus.actor))
     else:
         ds = decode_dataset(ds, decode, batch_size=cfg.decode.batch_size, num_cpus=run.cpus.decode,
-                            concurrency=cfg.decode.concurrency)
+                            concurrency=cfg.decode.concurrency, max_retries=retries)
     ds = embed_dataset(ds, model, stage_spec, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,
-                       num_cpus=run.cpus.actor, num_gpus=gpus, decode=decode if run.decode_in_actors else None)
+                       num_cpus=run.cpus.actor, num_gpus=gpus, decode=decode if run.decode_in_actors else None,
+                       max_retries=retries)
     pieces_dir = run.path(PIECES_DIR)
-    ds = write_pieces(ds, PieceWriter(pieces_dir, schema, run.tmp_prefix, run.s3))
+    ds = write_pieces(ds, PieceWriter(pieces_dir, schema, run.tmp_prefix, run.s3), max_retries=retries)
     done_rows = sum(s.num_rows for s in shards) - sum(s.num_rows for s in pending)
     committer = ShardCommitter(run.path(RESULTS_DIR), pieces_dir, pending, schema,
                                expected_encoder=resolved.to_dict(), tmp_prefix=run.tmp_prefix, s3=run.s3,
@@ -456,13 +468,22 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
             committer.finish()
         except ModelMismatchError as e:
             raise JobError(str(e)) from e
+        except (ray.exceptions.ActorDiedError, ray.exceptions.WorkerCrashedError) as e:
+            raise JobError(f"a Ray worker of the job kept dying ({retries} retries, ray.max_retries; committed "
+                           f"shards are kept, a re-run resumes): {_first_line(e)}") from e
     pio.remove_tree(pieces_dir, run.s3)
     run.timings["stage_busy_s"] = {k: round(v, 3) for k, v in sorted(committer.stage_seconds.items())}
     if run.timings["process_s"] > 0:
         run.timings["rows_per_s"] = round(committer.rows_written / run.timings["process_s"], 2)
+    run.s3_requests.update(committer.s3_requests)
     info = {"pieces": committer.pieces_seen, "pieces_per_node": dict(committer.nodes),
             "actor_models": [json.loads(m) for m in sorted(committer.encoders)], "dataset_stats": _stats(ds)}
     return committer.committed, info
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[:2])}"[:400]
 
 
 def _decode_options(run: _Run, manifest, encoder):
@@ -476,7 +497,13 @@ def _decode_options(run: _Run, manifest, encoder):
         tokenizer=encoder_tokenizer(encoder), context_length=int(encoder.context_length),
         drop_columns=tuple(c for c in drop if c), max_pixels=cfg.decode.max_pixels,
         max_image_bytes=cfg.decode.max_image_bytes, exif_transpose=cfg.decode.exif_transpose,
-        jpeg_draft=cfg.decode.jpeg_draft, truncate_text=cfg.decode.truncate_text, io_threads=cfg.decode.io_threads, s3=run.s3)
+        jpeg_draft=cfg.decode.jpeg_draft, truncate_text=cfg.decode.truncate_text, io_threads=cfg.decode.io_threads,
+        timeout_s=cfg.decode.timeout_s, allowed_roots=_allowed_roots(cfg.input.allowed_roots), s3=run.s3)
+
+
+def _allowed_roots(roots: list[str] | None) -> tuple[str, ...]:
+    """Local roots made absolute here (workers run elsewhere); their symlinks resolve on each node."""
+    return tuple(r if pio.is_s3(r) else os.path.abspath(os.path.expanduser(r)) for r in roots or ())
 
 
 def _stats(ds) -> str | None:
@@ -556,6 +583,7 @@ def _build_index(cfg, results_dir, index_dir, s3, model_info, log) -> dict[str, 
             vectors_per_shard=cfg.index.vectors_per_shard,
             memory_budget_gb=cfg.index.memory_budget_gb,
             target_recall=cfg.index.target_recall,
+            tuning_query_file=cfg.index.tuning_queries,
             merge=cfg.index.merge,
             s3=s3,
             ray_config=cfg.ray,

@@ -266,9 +266,12 @@ def _new_client(opts: dict[str, Any]):
     config = Config(**opts.get("config_kwargs", {}))
     if opts.get("anon"):
         config = config.merge(Config(signature_version=UNSIGNED))
-    return boto3.session.Session().client("s3", aws_access_key_id=opts.get("key"),
-                                          aws_secret_access_key=opts.get("secret"), config=config,
-                                          **opts.get("client_kwargs", {}))
+    client = boto3.session.Session().client("s3", aws_access_key_id=opts.get("key"),
+                                            aws_secret_access_key=opts.get("secret"),
+                                            aws_session_token=opts.get("token"), config=config,
+                                            **opts.get("client_kwargs", {}))
+    client.meta.events.register("response-received.s3", pio.count_s3_response)
+    return client
 
 
 class _S3Store:

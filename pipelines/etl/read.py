@@ -21,6 +21,7 @@ construction and the same for a local copy and an S3 copy of the same manifest t
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +280,10 @@ def _hash_ids(file: ManifestFile, stop: int, column: str, buckets: int, s3: pio.
     ids = ids.drop_null()
     from pandas.util import hash_array  # vectorized and the same in every process (unlike hash())
 
+    try:
+        ids.validate(full=True)  # Parquet does not check that strings are UTF-8; other writers may not either
+    except pa.ArrowInvalid as e:
+        raise ManifestError(f"id column {column!r} of {file.path} holds an id that is not valid UTF-8 ({e})") from None
     part = hash_array(ids.to_numpy(zero_copy_only=False)) % buckets
     return (nulls, *(ids.filter(pa.array(part == b)) for b in range(buckets)))
 
@@ -292,6 +297,18 @@ def _duplicates_in_bucket(*arrays: pa.Array) -> tuple[int, list]:
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     return len(repeated), repeated.field("values").to_pylist()[:5]
+
+
+def _get(refs: list) -> list:
+    """``ray.get``, with a task's :class:`ManifestError` raised as itself (its one-line message)."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ManifestError):
+            raise e.cause from None
+        raise
 
 
 def check_ids(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None) -> None:
@@ -311,11 +328,11 @@ def check_ids(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None 
     check_task = ray.remote(max_retries=3)(_duplicates_in_bucket)
     parts = [hash_task.remote(manifest.files[fi], stop, manifest.id_column, ID_BUCKETS, s3)
              for fi, stop in sorted(stops.items())]
-    nulls = sum(ray.get([p[0] for p in parts]))
+    nulls = sum(_get([p[0] for p in parts]))
     col = manifest.id_column
     if nulls:
         raise ManifestError(f"id column {col!r} has {nulls} null value(s); every row needs an id")
-    found = ray.get([check_task.remote(*(p[b + 1] for p in parts)) for b in range(ID_BUCKETS)])
+    found = _get([check_task.remote(*(p[b + 1] for p in parts)) for b in range(ID_BUCKETS)])
     if sum(n for n, _ in found):
         dupes = [v for _, ex in found for v in ex][:5]
         raise ManifestError(f"id column {col!r} has duplicate values, e.g. {dupes}")
@@ -495,31 +512,36 @@ class _ShardReader:
     def __call__(self) -> Iterable[pa.Table]:
         import time
 
-        t0 = time.perf_counter()
+        t0, requests = time.perf_counter(), pio.s3_request_counts()
         table = read_shard(self.shard, self.file, columns=self.columns, schema=self.schema,
                            id_column=self.id_column, s3=self.s3)
         seconds = time.perf_counter() - t0
-        return [add_stage_time(table, "read", seconds)]
+        return [add_stage_time(table, "read", seconds, pio.s3_requests_since(requests))]
 
 
 READ_CPUS = 0.1  # CPUs a manifest read task reserves
 
 
-def add_stage_time(table: pa.Table, stage: str, seconds: float) -> pa.Table:
-    """Tag a batch with the busy seconds one stage spent on it (first row holds the total), so the
-    driver can report per-stage time without a side channel; the column is dropped on write."""
+def add_stage_time(table: pa.Table, stage: str, seconds: float, s3_requests: dict[str, int] | None = None) -> pa.Table:
+    """Tag a batch with the busy seconds one stage spent on it and the S3 requests it made (the
+    first row holds the totals), so the driver can report both without a side channel; the
+    columns are dropped on write. Every batch of a stage gets both columns: one schema."""
     n = table.num_rows
-    values = [0.0] * n
+    values: list[float] = [0.0] * n
+    requests: list[str | None] = [None] * n
     if n:
         values[0] = float(seconds)
-    name = f"__t_{stage}"
-    if name in table.column_names:
-        table = table.drop_columns([name])
-    return table.append_column(name, pa.array(values, pa.float64()))
+        requests[0] = json.dumps(s3_requests, sort_keys=True) if s3_requests else None
+    for name, column in ((f"__t_{stage}", pa.array(values, pa.float64())),
+                         (f"__s3_{stage}", pa.array(requests, pa.string()))):
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, column)
+    return table
 
 
 def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None = None,
-                 runtime_env: dict | None = None, block_rows: int | None = None):
+                 runtime_env: dict | None = None, block_rows: int | None = None, max_retries: int = 3):
     """A Ray Dataset over the pending shards in blocks of at most ``block_rows`` rows (thin wrapper
     over :class:`ManifestDatasource`).
 
@@ -532,7 +554,7 @@ def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | No
 
     source = ManifestDatasource(manifest, shards, s3, block_rows)
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.blocks())), runtime_env=runtime_env,
-                                    num_cpus=READ_CPUS)
+                                    num_cpus=READ_CPUS, max_retries=max_retries)
 
 
 __all__ = [

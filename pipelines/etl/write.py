@@ -39,13 +39,14 @@ from pipelines.etl.read import ROW_COL, SHARD_COL, Manifest, Shard
 
 PIECES_DIR = "_pieces"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
-CAUSE_RE = re.compile(r"(?:^|; )((?:image|text|row)\.[a-z_]+):")
+CAUSE_RE = re.compile(r"(?:^|; )((?:image|text|row)\.[a-z0-9_]+):")
 FOOTER_KEY = b"clip_etl"  # Parquet key-value metadata of a part: its counts and encoder
 
 # One metadata row per written piece: all the driver learns about the rows.
 PIECE_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("start", pa.int64()), ("stop", pa.int64()), ("path", pa.string()),
     ("node", pa.string()), ("encoder", pa.string()), ("stage_seconds", pa.string()),
+    ("s3_requests", pa.string()),
 ])
 
 
@@ -115,9 +116,13 @@ class PieceWriter:
         self.s3 = s3
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
+        t0, own_requests = time.perf_counter(), pio.s3_request_counts()
         seconds = {name[4:]: float(pc.sum(batch.column(name)).as_py() or 0.0)
                    for name in batch.column_names if name.startswith("__t_")}
+        requests: Counter = Counter()
+        for name in (n for n in batch.column_names if n.startswith("__s3_")):
+            for cell in pc.drop_null(batch.column(name)).to_pylist():
+                requests.update(json.loads(cell))
         encoders = [v for v in pc.unique(batch.column(ACTOR_INFO_COL)).to_pylist() if v] \
             if ACTOR_INFO_COL in batch.column_names else []
         encoder = encoders[0] if len(encoders) == 1 else json.dumps(encoders)
@@ -136,29 +141,46 @@ class PieceWriter:
                                          tmp_prefix=self.tmp_prefix, compression="lz4")
                 rows.append((int(shard), start, stop, path))
         seconds["write"] = time.perf_counter() - t0
-        stage = json.dumps(seconds, sort_keys=True)
+        requests.update(pio.s3_requests_since(own_requests))
+        stage, s3_json = json.dumps(seconds, sort_keys=True), json.dumps(dict(requests), sort_keys=True)
         cols = list(zip(*rows)) if rows else [[], [], [], []]
         n = len(rows)
+        # the batch's seconds and requests go on its first piece only, so the driver's sums count them once
         return pa.Table.from_arrays([*(pa.array(c, t) for c, t in zip(cols, PIECE_SCHEMA.types[:4])),
-                                     pa.array([node] * n), pa.array([encoder] * n), pa.array([stage] * n)],
+                                     pa.array([node] * n), pa.array([encoder] * n),
+                                     pa.array([stage] + ["{}"] * (n - 1) if n else []),
+                                     pa.array([s3_json] + ["{}"] * (n - 1) if n else [], pa.string())],
                                     schema=PIECE_SCHEMA)
 
     def _conform(self, table: pa.Table) -> pa.Table:
         arrays = []
         for f in self.schema:
             col = table.column(f.name)
-            arrays.append(col.cast(f.type) if col.type != f.type else col)
+            col = col.cast(f.type) if col.type != f.type else col
+            arrays.append(valid_utf8(col) if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) else col)
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
-def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.1):
+def valid_utf8(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A string column whose cells are valid UTF-8: bytes that are not (Parquet lets other writers
+    store them) become U+FFFD, so the results stay readable by every Arrow/Parquet reader. The
+    row that used such a cell as its image path or text already says so (``not_utf8``)."""
+    try:
+        col.validate(full=True)
+        return col
+    except pa.ArrowInvalid:
+        raw = pc.cast(col, pa.large_binary()).to_pylist()
+        return pa.chunked_array([pa.array([None if b is None else b.decode("utf-8", "replace") for b in raw], col.type)])
+
+
+def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.1, max_retries: int = 3):
     """Thin Ray wrapper: the write stage as stateless tasks after the model actors. Ray Data's
     default placement spreads small tasks over the nodes and keeps large blocks where they are,
     so each node writes what its actors produced. A write is brief (a few hundred rows of
     embeddings compressed and stored), so it reserves little CPU: the model actors may take the
     rest of a node without leaving the writes unscheduled."""
     return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
-                          zero_copy_batch=True)
+                          zero_copy_batch=True, max_retries=max_retries)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +224,7 @@ def compact_shard(shard: Shard, pieces: list[str], part_path: str, schema: pa.Sc
     ``provenance`` (the encoders and the nodes that wrote the pieces) goes into the footer with
     the counts, so every part says what made it.
     """
-    t0 = time.perf_counter()
+    t0, requests = time.perf_counter(), pio.s3_request_counts()
     with ThreadPoolExecutor(max_workers=min(8, len(pieces))) as pool:
         tables = list(pool.map(lambda p: pio.read_parquet(p, s3), pieces))
     table = assemble_part(tables, shard, schema)
@@ -210,7 +232,8 @@ def compact_shard(shard: Shard, pieces: list[str], part_path: str, schema: pa.Sc
     meta = {**(schema.metadata or {}), FOOTER_KEY: json.dumps(stats, sort_keys=True).encode()}
     pio.write_parquet_atomic(table.replace_schema_metadata(meta), part_path, s3, tmp_prefix=tmp_prefix)
     pio.remove_tree(pio.join(pieces_dir, f"{shard.index:05d}"), s3)
-    return {**stats, "shard": shard.index, "seconds": time.perf_counter() - t0}
+    return {**stats, "shard": shard.index, "seconds": time.perf_counter() - t0,
+            "s3_requests": pio.s3_requests_since(requests)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,22 +11,27 @@ each task's output is a file, so a re-run resumes where a killed build stopped):
    different one starts over.
 2. **Sample** and 3. **train** (:func:`sample_and_train`: one :func:`train_task`, which holds the
    sample, as bounded by the memory budget): a seeded random subset of rows, read from only the
-   row groups that hold them, is split into the training vectors and the *tuning queries*:
-   rows held out of the data shards, never trained on. The empty index is trained once,
-   deterministically (``_build/trained.faiss``). The queries get a small shard of their own,
+   row groups that hold them, is split into the training vectors and the *held-out rows*, kept
+   out of the data shards and never trained on. The *tuning queries* are made from them
+   (:mod:`pipelines.index.tuning`): the held-out rows moved off the data by noise scaled to its
+   nearest-neighbour spacing, or a sample of the user's own queries (``index.tuning_queries``),
+   saved as ``_build/tuning_vectors.npz``. The empty index is trained once, deterministically
+   (``_build/trained.faiss``). The held-out rows get a small shard of their own,
    ``shard-queries``, so that they are indexed like every other row without a data shard being
    rewritten, and are saved on their own as ``_build/tuning_queries.parquet``, last: its
    presence means steps 2-3 are done.
 4. **Add shards** (:func:`add_shards`: one :func:`shard_task` per shard): stream a contiguous
-   range of input rows minus the tuning queries, add them to a copy of the trained index, and
-   compute the exact top-100 of the queries over the same rows (ground truth at no extra pass
-   over the data). A shard's files are each written once, atomically, ``_build/shard-NNNNN.json``
-   last: its presence means the shard is done. Every valid row is in exactly one shard: the
-   shard ranges partition the rows, and the held-out rows are in ``shard-queries`` only.
+   range of input rows minus the held-out rows, add them to a copy of the trained index, and
+   compute the exact top-100 of the tuning queries over the same rows (ground truth at no extra
+   pass over the data). A shard's files are each written once, atomically,
+   ``_build/shard-NNNNN.json`` last: its presence means the shard is done. Every valid row is in
+   exactly one shard: the shard ranges partition the rows, and the held-out rows are in
+   ``shard-queries`` only.
 5. **Tune** (:func:`tune_search`: one :func:`tune_task`) ``nprobe``/``efSearch`` on the data
-   shards, which do not hold the queries, so they measure like unseen queries: the smallest
-   value (= the fastest) whose recall@10 against exact search reaches ``target_recall``, and
-   recall@1/10/100. Saved as ``_build/tuning.json``.
+   shards, which do not hold the held-out rows, so that no query finds its own source: the
+   smallest value (= the fastest) whose recall@10 against exact search reaches ``target_recall``
+   with 95% confidence (the low end of its interval, not its mean), and recall@1/10/100. Saved
+   as ``_build/tuning.json``.
 6. **Merge and measure** (:func:`merge_and_measure`: one :func:`finish_task`): merge all shards
    into one index when asked and it fits the memory budget; measure queries/s and latency of
    what :func:`pipelines.index.open_index` will serve.
@@ -72,16 +77,35 @@ from pipelines.index.select import (
     search_parameter_grid,
     train_size_for,
 )
+from pipelines.index.tuning import (
+    NN_PROBES,
+    NN_REFERENCE_ROWS,
+    QUERY_NOISE,
+    RECALL_CONFIDENCE,
+    SOURCE_FILE,
+    SOURCE_PERTURBED,
+    RecallInterval,
+    check_query_file,
+    nn_distance_estimate,
+    perturb,
+    query_hits,
+    read_query_file,
+    recall_interval,
+    subsample,
+)
 from pipelines.storage import S3Options
 from pipelines.ray_runtime import ray_session
 
-# Version 2: the tuning queries are a shard of their own (version 1 appended them to the last
-# shard after tuning), so a version-1 build state is not resumed but started over.
-FORMAT = "clip-etl-index/2"
+# Version 3: the tuning queries are the held-out rows moved off the data (or a user's file), not
+# the rows themselves, and the shards' ground truth is theirs; version 2 had the held-out rows
+# in a shard of their own already (version 1 appended them to the last shard after tuning). An
+# older build state is not resumed but started over.
+FORMAT = "clip-etl-index/3"
 BUILD_DIR = "_build"
 PLAN_FILE = "plan.json"
 TRAINED_FILE = "trained.faiss"
-QUERIES_FILE = "tuning_queries.parquet"
+QUERIES_FILE = "tuning_queries.parquet"  # the held-out rows: what the data shards leave out
+QUERY_VECTORS_FILE = "tuning_vectors.npz"  # the vectors tuning searches with, and where they came from
 TUNING_FILE = "tuning.json"
 QUERY_SHARD = "shard-queries"
 SEED = 1234
@@ -116,6 +140,24 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t = time.perf_counter()
     yield
     timings[key] = round(time.perf_counter() - t, 3)
+
+
+class _PhaseClock:
+    """Seconds per phase of work whose phases interleave (a shard reads, computes ground truth and
+    adds batch after batch), so that ``index.json`` can say where a build's time went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def rounded(self) -> dict[str, float]:
+        return {f"{phase}_s": round(sec, 3) for phase, sec in self.seconds.items()}
 
 
 # -------------------------------------------------------------------------------- input ---
@@ -334,7 +376,10 @@ class Build:
     needs_training: bool
     ranges: list[tuple[int, int]]
     train_size: int
-    n_queries: int
+    n_queries: int  # held-out rows
+    max_file_queries: int  # tuning queries taken from query_file at most
+    query_file: str | None  # index.tuning_queries: real queries to tune on (None: perturbed held-out rows)
+    query_file_info: dict[str, Any] | None  # its size and change stamp
     target_recall: float
     merge: bool
     memory_budget_gb: float
@@ -353,12 +398,28 @@ class Build:
         if self.progress:
             print(f"[index] {msg}", file=sys.stderr, flush=True)
 
+    @property
+    def sample_rows(self) -> int:
+        """Rows to sample: the held-out rows, the training set and, for perturbed queries, enough
+        rows to measure the data's nearest-neighbour spacing on."""
+        reference = NN_REFERENCE_ROWS if self.query_file is None else 0
+        return self.n_queries + max(self.train_size, reference)
+
+    def query_plan(self) -> dict[str, Any]:
+        """Where the tuning queries come from, and how they are judged (part of ``plan.json``)."""
+        plan: dict[str, Any] = {"confidence": RECALL_CONFIDENCE}
+        if self.query_file is None:
+            return {**plan, "source": SOURCE_PERTURBED, "noise": QUERY_NOISE, "reference_rows": NN_REFERENCE_ROWS}
+        return {**plan, "source": SOURCE_FILE, "path": self.query_file, "file": self.query_file_info,
+                "max_queries": self.max_file_queries}
+
     def to_plan(self) -> dict[str, Any]:
         """``plan.json``: everything that, when changed, makes a resume build something else."""
         plan = {"format": FORMAT, "input": self.input_path, "files": [f.to_dict() for f in self.files],
                 "columns": {"id": self.id_column, "embedding": self.embedding_column}, "dim": self.dim,
                 "factory": self.factory, "shards": self.ranges, "train_size": self.train_size,
-                "queries": self.n_queries, "seed": SEED, "target_recall": self.target_recall, "merge": self.merge}
+                "queries": self.n_queries, "tuning": self.query_plan(), "seed": SEED,
+                "target_recall": self.target_recall, "merge": self.merge}
         return json.loads(json.dumps(plan))  # the form it has when read back from plan.json
 
 
@@ -382,7 +443,8 @@ def plan_build(
     input_path: str, out_dir: str, files: list[InputFile], schema: pa.Schema, *, id_column: str,
     embedding_column: str, factory: str | None, shards: int | None, vectors_per_shard: int | None,
     memory_budget_gb: float, target_recall: float, merge: bool, train_sample: int | None,
-    tuning_queries: int | None, s3: S3Options | None, progress: bool, start_ray: Callable[[], None],
+    tuning_queries: int | None, tuning_query_file: str | None, s3: S3Options | None, progress: bool,
+    start_ray: Callable[[], None],
 ) -> Build:
     """Step 1: the plan, from the footers (plus, for variable-length lists, one batch read in a task,
     for which it calls ``start_ray``)."""
@@ -402,9 +464,21 @@ def plan_build(
         selection=selection, needs_training=not new_index(selection["factory"], dim).is_trained,
         ranges=plan_shards(total_rows, _shard_count(total_rows, selection["kind"], shards, vectors_per_shard)),
         train_size=int(train_sample if train_sample is not None else selection["train_size"]),
-        n_queries=int(n_queries), target_recall=target_recall, merge=bool(merge),
+        n_queries=int(n_queries), max_file_queries=int(tuning_queries or MAX_TUNING_QUERIES),
+        query_file=tuning_query_file or None,
+        query_file_info=_query_file_info(tuning_query_file, s3), target_recall=target_recall, merge=bool(merge),
         memory_budget_gb=memory_budget_gb, s3=s3, progress=progress,
     )
+
+
+def _query_file_info(path: str | None, s3: S3Options | None) -> dict[str, Any] | None:
+    """The stamp of ``index.tuning_queries`` (None when not given); a bad one fails the plan."""
+    if not path:
+        return None
+    try:
+        return check_query_file(path, s3)
+    except ValueError as e:
+        raise IndexBuildError(f"index.tuning_queries: {e}") from None
 
 
 def start_or_resume(build: Build) -> dict | None:
@@ -436,8 +510,8 @@ def start_or_resume(build: Build) -> dict | None:
 
 def _plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first plan.json key whose value differs (None: the same build)."""
-    for key in ("format", "files", "columns", "dim", "factory", "shards", "train_size", "queries", "seed",
-                "target_recall", "merge"):
+    for key in ("format", "files", "columns", "dim", "factory", "shards", "train_size", "queries", "tuning",
+                "seed", "target_recall", "merge"):
         if old.get(key) != new.get(key):
             return key
     return None
@@ -734,33 +808,42 @@ def _shard_done(build: Build, number: int) -> bool:
 
 
 def _write_shard(build: Build, name: str, index: faiss.Index, ids: pa.Array, counts: dict[str, int],
-                 truth: TopK | None = None) -> dict[str, Any]:
+                 truth: TopK | None = None, seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """Write a shard's files, each atomically and once; the metadata last, so that its presence
-    means the shard is done."""
+    means the shard is done. ``seconds``: the shard's time per phase, recorded with the write's."""
+    t0 = time.perf_counter()
     files = shard_files(build.out_dir, name)
     _write_ids(ids, files["ids"], build.s3)
     if truth is not None:
         _write_npz(files["truth"], build.s3, scores=truth.scores, positions=truth.positions)
     meta = {"count": int(index.ntotal), "bytes": publish_index(index, files["faiss"], build.s3), "counts": counts}
+    if seconds is not None:
+        meta["seconds"] = {**seconds, "write_s": round(time.perf_counter() - t0, 3)}
     pio.write_json_atomic(files["meta"], meta, build.s3)
     return meta
 
 
-def _shard_entries(build: Build) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """``index.json``'s shard list (the data shards, then the queries' shard) and the row counts."""
+ShardSummary = tuple[list[dict[str, Any]], dict[str, int], dict[str, float]]
+
+
+def _shard_entries(build: Build) -> ShardSummary:
+    """``index.json``'s shard list (the data shards, then the queries' shard), the row counts, and
+    the seconds the shard tasks spent per phase, summed over shards."""
     names = [shard_name(i) for i in range(len(build.ranges))] + [QUERY_SHARD]
-    entries, counts = [], dict.fromkeys(COUNT_KEYS, 0)
+    entries, counts, seconds = [], dict.fromkeys(COUNT_KEYS, 0), {}
     for i, name in enumerate(names):
         meta = pio.read_json(shard_files(build.out_dir, name)["meta"], build.s3)
         for key in COUNT_KEYS:
             counts[key] += meta["counts"][key]
+        for key, value in (meta.get("seconds") or {}).items():
+            seconds[key] = round(seconds.get(key, 0.0) + value, 3)
         entry = {"file": f"{name}.faiss", "ids": f"{name}.ids.parquet", "count": meta["count"], "bytes": meta["bytes"]}
         if i < len(build.ranges):
             entry["rows"] = list(build.ranges[i])
         else:
             entry["held_out_queries"] = meta["count"]
         entries.append(entry)
-    return entries, counts
+    return entries, counts, seconds
 
 
 def _write_queries(build: Build, held: Sample) -> None:
@@ -772,7 +855,14 @@ def _write_queries(build: Build, held: Sample) -> None:
     pio.write_parquet_atomic(table, build.state(QUERIES_FILE), build.s3)
 
 
+def _read_tuning_vectors(build: Build) -> tuple[np.ndarray, dict[str, Any]]:
+    """The tuning queries (``[Q, dim]``) and the record of where they came from."""
+    z = _read_npz(build.state(QUERY_VECTORS_FILE), build.s3)
+    return np.ascontiguousarray(z["vectors"], np.float32), json.loads(str(z["source"]))
+
+
 def _read_queries(build: Build) -> Sample:
+    """The held-out rows (ids, input row numbers, vectors)."""
     with _open_parquet(build.state(QUERIES_FILE), build.s3) as f:
         table = pq.read_table(f)
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, build.dim)
@@ -811,31 +901,63 @@ class TopK:
 # -------------------------------------------------------------------------------- tasks ---
 
 def train_task(build: Build, threads: int) -> dict[str, Any]:
-    """Steps 2-3 (a Ray task): sample, hold out the tuning queries, train, index the queries.
+    """Steps 2-3 (a Ray task): sample, hold out rows, make the tuning queries, train, index the
+    held-out rows.
 
-    The queries get a shard of their own rather than a place in a data shard, so that tuning can
-    search the data shards without them and no shard is rewritten after it is built.
+    The held-out rows get a shard of their own rather than a place in a data shard, so that tuning
+    can search the data shards without them and no shard is rewritten after it is built.
     """
-    t0 = time.perf_counter()
-    sample = read_sample(build.files, build.total_rows, build.train_size + build.n_queries, build.columns,
+    clock = _PhaseClock()
+    sample = read_sample(build.files, build.total_rows, build.sample_rows, build.columns,
                          build.id_column, build.embedding_column, build.dim, build.s3)
     if len(sample) == 0:
         raise IndexBuildError(f"{build.input_path} holds no valid embeddings in column {build.embedding_column!r}")
     _release_arrow_memory()
     nq = max(1, min(build.n_queries, len(sample) // 2))
     held = sample.part(slice(0, nq))
-    train = sample.part(slice(nq, None)) if len(sample) > nq else sample
-    t1 = time.perf_counter()
+    rest = sample.part(slice(nq, None)) if len(sample) > nq else sample
+    train = rest.part(slice(0, build.train_size or len(rest)))
+    clock.lap("sample")
     with _Threads(threads):
+        queries, source = make_tuning_queries(build, held.vectors, rest.vectors)
+        clock.lap("queries")
         if build.needs_training and not pio.exists(build.state(TRAINED_FILE), build.s3):
             _train_and_save(build, train.vectors)
         index = _empty_index(build)
         index.add(held.vectors)
+    clock.lap("train")
     _write_shard(build, QUERY_SHARD, index, pa.array(held.ids.tolist(), pa.string()),
                  {**dict.fromkeys(COUNT_KEYS, 0), "rows": nq, "kept": nq})
+    _write_npz(build.state(QUERY_VECTORS_FILE), build.s3, vectors=queries, source=np.array(json.dumps(source)))
     _write_queries(build, held)  # last: its presence means steps 2-3 are done
-    return {"queries": nq, "train": len(train), "sample_s": round(t1 - t0, 3),
-            "train_s": round(time.perf_counter() - t1, 3)}
+    clock.lap("train_write")
+    return {"queries": len(queries), "held_out": nq, "train": len(train) if build.needs_training else 0,
+            **clock.rounded()}
+
+
+def make_tuning_queries(build: Build, held: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """The vectors tuning searches with, and a record of where they came from.
+
+    ``index.tuning_queries`` when given (at most ``max_file_queries`` of them, a seeded choice);
+    else the held-out rows perturbed off the data by noise scaled to its nearest-neighbour
+    spacing, which is measured against the other sampled rows ``rest``.
+    """
+    if build.query_file is not None:
+        try:
+            vectors = read_query_file(build.query_file, build.embedding_column, build.dim, build.s3)
+        except (ValueError, OSError, pa.ArrowException) as e:
+            raise IndexBuildError(f"index.tuning_queries: {e}") from None
+        chosen = subsample(vectors, build.max_file_queries, SEED + 2)
+        build.say(f"tuning on {len(chosen)} of the {len(vectors)} queries in {build.query_file}")
+        return chosen, {"source": SOURCE_FILE, "path": build.query_file, "rows_in_file": len(vectors)}
+    reference = rest[:NN_REFERENCE_ROWS]
+    population = max(len(reference), build.total_rows - len(held))
+    spacing = nn_distance_estimate(held[:NN_PROBES], reference, population)
+    noise_norm = QUERY_NOISE * spacing["nn_distance"]
+    build.say(f"tuning queries: {len(held)} held-out rows plus noise of norm {noise_norm:.4f} "
+              f"({QUERY_NOISE} x the median nearest-neighbour distance {spacing['nn_distance']:.4f})")
+    return perturb(held, noise_norm, SEED + 2), {
+        "source": SOURCE_PERTURBED, "noise": QUERY_NOISE, "noise_norm": round(noise_norm, 6), **spacing}
 
 
 def _train_and_save(build: Build, vectors: np.ndarray) -> None:
@@ -850,44 +972,50 @@ def _train_and_save(build: Build, vectors: np.ndarray) -> None:
 
 
 def shard_task(build: Build, number: int, threads: int) -> dict[str, Any]:
-    """Step 4 for one shard (a Ray task): its rows, minus the tuning queries, into a copy of the
-    trained index, with the exact top-k of the queries over the same rows."""
+    """Step 4 for one shard (a Ray task): its rows, minus the held-out rows, into a copy of the
+    trained index, with the exact top-k of the tuning queries over the same rows."""
     t0 = time.perf_counter()
     lo, hi = build.ranges[number]
-    queries = _read_queries(build)
-    held = np.sort(queries.rows[(queries.rows >= lo) & (queries.rows < hi)])
+    rows = _read_queries(build).rows
+    held = np.sort(rows[(rows >= lo) & (rows < hi)])
+    clock = _PhaseClock()
     with _Threads(threads):
         index = _empty_index(build)
         reserve(index, hi - lo - len(held))
-        truth = TopK(queries.vectors, GROUND_TRUTH_K)
-        ids, counts = _add_rows(build, number, held, index, truth)
+        truth = TopK(_read_tuning_vectors(build)[0], GROUND_TRUTH_K)
+        clock.lap("read")
+        ids, counts = _add_rows(build, number, held, index, truth, clock)
     _release_arrow_memory()
-    meta = _write_shard(build, shard_name(number), index, ids, counts, truth)
+    meta = _write_shard(build, shard_name(number), index, ids, counts, truth, clock.rounded())
     seconds = time.perf_counter() - t0
     build.say(f"{shard_name(number)}: {meta['count']} vectors in {seconds:.1f}s")
     return {"file": f"{shard_name(number)}.faiss", "count": meta["count"], "bytes": meta["bytes"],
             "seconds": round(seconds, 3)}
 
 
-def _add_rows(build: Build, number: int, held: np.ndarray, index: faiss.Index,
-              truth: TopK) -> tuple[pa.Array, dict[str, int]]:
-    """Stream the shard's rows into ``index`` and ``truth``, leaving out the ``held`` row numbers."""
+def _add_rows(build: Build, number: int, held: np.ndarray, index: faiss.Index, truth: TopK,
+              clock: _PhaseClock) -> tuple[pa.Array, dict[str, int]]:
+    """Stream the shard's rows into ``index`` and ``truth``, leaving out the ``held`` row numbers;
+    ``clock`` gets the seconds spent reading, on ground truth and on adding."""
     lo, hi = build.ranges[number]
     counts = dict.fromkeys(COUNT_KEYS, 0)
     ids: list[pa.Array] = []
     last_report = time.perf_counter()
     for pos, batch in iter_row_range(build.files, lo, hi, build.columns, build.s3):
         a, b = np.searchsorted(held, [pos, pos + batch.num_rows])
-        if b > a:  # tuning queries: indexed in the queries' shard
+        if b > a:  # held-out rows: indexed in the queries' shard
             keep = np.ones(batch.num_rows, bool)
             keep[held[a:b] - pos] = False
             batch = batch.filter(pa.array(keep))
         bid, vecs, c = extract_vectors(batch, build.id_column, build.embedding_column, build.dim)
         for key, value in c.items():
             counts[key] += value
+        clock.lap("read")
         if len(vecs):
             truth.add(vecs, int(index.ntotal))
+            clock.lap("ground_truth")
             index.add(vecs)
+            clock.lap("add")
             ids.append(bid)
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
@@ -896,17 +1024,22 @@ def _add_rows(build: Build, number: int, held: np.ndarray, index: faiss.Index,
 
 
 def tune_task(build: Build, entries: list[dict[str, Any]], threads: int) -> dict[str, Any]:
-    """Step 5 (a Ray task): tune on the data shards ``entries``, which do not hold the queries."""
-    queries = _read_queries(build).vectors
+    """Step 5 (a Ray task): tune on the data shards ``entries``, which do not hold the held-out rows.
+
+    recall@1 and @10 are measured as search serves them (k = 10: an HNSW search explores at least
+    k candidates, so a k = 100 search would overstate them), recall@100 with k = 100.
+    """
+    queries, source = _read_tuning_vectors(build)
     truth = _ground_truth(build, entries)
     with _local_view(build.out_dir, [n for e in entries for n in (e["file"], e["ids"])], build.s3) as root, \
             _Threads(threads):
         index = load_shards(root, {"dim": build.dim, "factory": build.factory, "shards": entries}, mmap=True)
         tuned = tune(index, queries, truth, build.target_recall, build.say)
-        _, found = index.search_positions(queries, GROUND_TRUTH_K)
+        found = {k: index.search_positions(queries, k)[1] for k in (10, GROUND_TRUTH_K)}
         del index
-    tuned["recall"] = {str(k): round(recall_at(found, truth, k), 5) for k in (1, 10, 100)}
+    tuned["recall"] = {str(k): round(recall_at(found[max(k, 10)], truth, k), 5) for k in (1, 10, 100)}
     tuned["queries"] = len(queries)
+    tuned["query_source"] = source
     pio.write_json_atomic(build.state(TUNING_FILE), tuned, build.s3)
     return tuned
 
@@ -924,16 +1057,20 @@ def _ground_truth(build: Build, entries: list[dict[str, Any]]) -> np.ndarray:
 
 def finish_task(build: Build, entries: list[dict[str, Any]], merge: bool, params: str,
                 threads: int) -> dict[str, Any]:
-    """Step 6 (a Ray task): merge the shards when ``merge``; measure the speed of what search serves."""
+    """Step 6 (a Ray task): merge the shards when ``merge``; measure the speed of what search serves
+    with the tuning queries."""
+    clock = _PhaseClock()
     with _local_view(build.out_dir, [n for e in entries for n in (e["file"], e["ids"])], build.s3) as root, \
             _Threads(threads):
         merged = _merge(build, root, entries) if merge else None
+        clock.lap("merge")
         meta = {"dim": build.dim, "factory": build.factory, "shards": entries, "merged": merged,
                 "search_params": params}
         final = load_shards(root, meta, mmap=True, prefer_merged=True)
-        speed = measure_speed(final, _read_queries(build).vectors)
+        speed = measure_speed(final, _read_tuning_vectors(build)[0])
         del final
-    return {"merged": merged, "speed": speed}
+        clock.lap("measure")
+    return {"merged": merged, "speed": speed, "seconds": clock.rounded()}
 
 
 def _merge(build: Build, root: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -989,17 +1126,12 @@ def merge_shards(paths: list[str], factory: str, dim: int, say: Callable[[str], 
 # ------------------------------------------------------------------------------- tuning ---
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean fraction of the true top-k found in the returned top-k (positions; -1 never matches)."""
+    """Fraction of the true top-k found in the returned top-k, pooled over queries (positions; -1
+    never matches)."""
     if len(truth) == 0:
         return 1.0
-    k = min(k, truth.shape[1], found.shape[1])
-    hits = 0
-    total = 0
-    for f, t in zip(found[:, :k], truth[:, :k]):
-        t = t[t >= 0]
-        hits += len(np.intersect1d(f[f >= 0], t, assume_unique=False))
-        total += len(t)
-    return hits / total if total else 1.0
+    hits, trials = query_hits(found, truth, k)
+    return float(hits.sum() / trials.sum()) if trials.sum() else 1.0
 
 
 def measure_speed(index: ShardedIndex, queries: np.ndarray, k: int = 10, latency_queries: int = 200,
@@ -1030,18 +1162,28 @@ def _param_value(params: str) -> int:
     return int(digits[0]) if digits else 0
 
 
-def tune(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, target: float,
-         say: Callable[[str], None]) -> dict[str, Any]:
-    """The fastest search parameters whose recall@10 reaches ``target`` (or the best reachable).
+def _trial(params: str, interval: RecallInterval, queries: int, seconds: float) -> dict[str, Any]:
+    """One tried setting as ``index.json`` lists it under ``tuning.trials``."""
+    return {"params": params, "recall@10": round(interval.estimate, 5), "recall@10_low": round(interval.low, 5),
+            "recall@10_high": round(interval.high, 5), "qps": round(queries / seconds, 1) if seconds > 0 else None}
 
-    The grid runs from fastest to most accurate, so the first candidate that reaches the target
-    is the fastest one that does. ``truth`` is the exact top-k of ``queries`` over the searched
-    vectors, which do not include the queries. When recall stops improving before the
+
+def tune(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, target: float,
+         say: Callable[[str], None], confidence: float = RECALL_CONFIDENCE) -> dict[str, Any]:
+    """The fastest search parameters whose recall@10 reaches ``target`` with ``confidence`` (or the
+    best reachable).
+
+    A setting is accepted when the low end of its recall interval (:func:`recall_interval`)
+    reaches the target, not its mean: on a finite query sample a mean at the target is as likely
+    to be below it as above. The grid runs from fastest to most accurate, so the first setting
+    accepted is the fastest. ``truth`` is the exact top-k of ``queries`` over the searched
+    vectors, which do not include the held-out rows. When recall stops improving before the
     target (compressed codes cap it, or ties in the exact ranking) -- no gain over an 8x larger
     setting -- the search stops and the fastest setting within 0.0005 of the best recall is kept.
     """
     grid = search_parameter_grid(index.factory, index.dim)
     trials: list[dict[str, Any]] = []
+    intervals: dict[str, RecallInterval] = {}
     chosen = None
     best, best_at = -1.0, 0
     for params in grid:
@@ -1049,27 +1191,28 @@ def tune(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, target: fl
         t = time.perf_counter()
         _, found = index.search_positions(queries, 10)
         seconds = time.perf_counter() - t
-        r10 = recall_at(found, truth, 10)
-        trials.append({"params": params, "recall@10": round(r10, 5),
-                       "qps": round(len(queries) / seconds, 1) if seconds > 0 else None})
+        interval = intervals[params] = recall_interval(*query_hits(found, truth, 10), confidence)
+        trials.append(_trial(params, interval, len(queries), seconds))
         if params:
-            say(f"tune {params}: recall@10 {r10:.4f}")
-        if r10 >= target:
+            say(f"tune {params}: recall@10 {interval.estimate:.4f} (low {interval.low:.4f})")
+        if interval.reaches(target):
             chosen = params
             break
         value = _param_value(params)
-        if r10 > best + 5e-4:
-            best, best_at = r10, value
+        if interval.estimate > best + 5e-4:
+            best, best_at = interval.estimate, value
         elif best_at and value >= 8 * best_at:
             break
     reached = chosen is not None
     if not reached:
         top = max(t["recall@10"] for t in trials)
         chosen = next(t["params"] for t in trials if t["recall@10"] >= top - 5e-4)
-        say(f"warning: recall@10 {top:.4f} is the best this index reaches (target {target}); "
-            f"using {chosen or 'defaults'}. A larger memory budget or index.factory gives more.")
+        say(f"warning: recall@10 {top:.4f} is the best this index reaches, and its {confidence:.0%} lower bound "
+            f"{intervals[chosen].low:.4f} stays under the target {target}; using {chosen or 'defaults'}. A larger "
+            "memory budget or index.factory gives more recall; more tuning queries a tighter bound.")
     index.set_search_params(chosen)
-    return {"params": chosen, "target_reached": reached, "trials": trials}
+    return {"params": chosen, "target_reached": reached, "trials": trials,
+            "recall@10": intervals[chosen].to_dict()}
 
 
 # --------------------------------------------------------------------------- the driver ---
@@ -1124,12 +1267,14 @@ def sample_and_train(build: Build, cluster: _Cluster, timings: dict[str, float])
         return
     threads = cluster.split(1)[1]
     done = _run_task(train_task, build, threads, what="sampling and training", cpus=threads)
-    build.say(f"sampled {done['train']} training vectors and {done['queries']} tuning queries")
-    timings.update(sample_s=done["sample_s"], train_s=done["train_s"])
+    build.say(f"sampled {done['train']} training vectors and {done['held_out']} held-out rows; "
+              f"{done['queries']} tuning queries")
+    timings.update({key: value for key, value in done.items() if key.endswith("_s")})
 
 
-def add_shards(build: Build, cluster: _Cluster) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Step 4: a task for each shard not built yet; ``index.json``'s shard list and the row counts."""
+def add_shards(build: Build, cluster: _Cluster) -> ShardSummary:
+    """Step 4: a task for each shard not built yet; ``index.json``'s shard list, the row counts and
+    the shard tasks' seconds per phase."""
     todo = [i for i in range(len(build.ranges)) if not _shard_done(build, i)]
     if len(todo) < len(build.ranges):
         build.say(f"{len(build.ranges) - len(todo)} shard(s) already built; {len(todo)} to do")
@@ -1199,6 +1344,13 @@ def _model_from_run(input_path: str, s3: S3Options | None) -> dict[str, Any] | N
     return model if isinstance(model, dict) else None
 
 
+def _tuning_record(tuned: dict[str, Any]) -> dict[str, Any]:
+    """``index.json``'s ``tuning``: the queries (how many, from where), the chosen setting's recall@10
+    with its confidence interval, and every setting tried."""
+    return {"queries": tuned["queries"], "query_source": tuned["query_source"], "recall@10": tuned["recall@10"],
+            "ground_truth_k": GROUND_TRUTH_K, "queries_held_out_of_tuned_index": True, "trials": tuned["trials"]}
+
+
 def write_index_json(build: Build, entries: list[dict[str, Any]], counts: dict[str, int], tuned: dict[str, Any],
                      finished: dict[str, Any], model_info: dict | None, timings: dict[str, float],
                      seconds: float) -> dict[str, Any]:
@@ -1221,14 +1373,14 @@ def write_index_json(build: Build, entries: list[dict[str, Any]], counts: dict[s
         "target_reached": tuned["target_reached"], "recall": recall,
         "latency_ms": {"mean": round(speed["latency_ms_mean"], 4), "p99": round(speed["latency_ms_p99"], 4)},
         "qps": round(speed["qps"], 1),
-        "tuning": {"queries": tuned["queries"], "ground_truth_k": GROUND_TRUTH_K,
-                   "queries_held_out_of_tuned_index": True, "trials": tuned["trials"]},
+        "tuning": _tuning_record(tuned),
         "build_seconds": round(seconds, 3), "timings": timings, "created_at": datetime.now(timezone.utc).isoformat(),
     }
     if finished["merge_skipped"]:
         meta["merge_skipped"] = finished["merge_skipped"]
     pio.write_json_atomic(pio.join(build.out_dir, INDEX_JSON), meta, build.s3)
-    build.say(f"search params {tuned['params'] or '(none)'}: recall@10 {recall['10']:.4f}, {speed['qps']:.0f} "
+    build.say(f"search params {tuned['params'] or '(none)'}: recall@10 {recall['10']:.4f} "
+              f"(low {tuned['recall@10']['low']:.4f}), {speed['qps']:.0f} "
               f"queries/s, latency {speed['latency_ms_mean']:.2f} ms (p99 {speed['latency_ms_p99']:.2f})")
     build.say(f"index complete: {total} vectors, {len(entries)} shard(s) in {seconds:.1f}s -> {build.out_dir}")
     return meta
@@ -1251,6 +1403,7 @@ def build_index(
     model_info: dict | None = None,
     progress: bool = True,
     tuning_queries: int | None = None,
+    tuning_query_file: str | None = None,
     ray_config: RayConfig | None = None,
 ) -> dict:
     """Build (or resume, or confirm) the index of ``input_path`` in ``output_dir``; return index.json.
@@ -1259,8 +1412,11 @@ def build_index(
     local or ``s3://``; ``output_dir`` is the index directory itself (``OUTPUT/index``).
     ``factory`` overrides the automatic choice (any FAISS factory string; inner product).
     ``shards`` / ``vectors_per_shard`` set the number of data shards (default: one per million
-    rows, one for HNSW); the held-out tuning queries (``tuning_queries``, default up to 1000)
-    add one small shard. The work runs in Ray tasks: on the initialized Ray if there is one, else
+    rows, one for HNSW); the held-out rows (``tuning_queries`` of them, default up to 1000) add
+    one small shard. The index is tuned on those rows perturbed off the data, or on up to
+    ``tuning_queries`` (default 1000) real queries from ``tuning_query_file``
+    (``index.tuning_queries``: a ``.npy`` or a Parquet file with an ``embedding_column``, local or
+    ``s3://``). The work runs in Ray tasks: on the initialized Ray if there is one, else
     on the one ``ray_config`` describes (default: ``RAY_ADDRESS``, or a local Ray started and
     stopped here), so that a standalone ``clip-etl index`` works too.
     """
@@ -1278,7 +1434,8 @@ def build_index(
                 embedding_column=embedding_column, factory=factory, shards=shards,
                 vectors_per_shard=vectors_per_shard, memory_budget_gb=memory_budget_gb,
                 target_recall=target_recall, merge=merge, train_sample=train_sample,
-                tuning_queries=tuning_queries, s3=s3, progress=progress, start_ray=start_ray)
+                tuning_queries=tuning_queries, tuning_query_file=tuning_query_file, s3=s3, progress=progress,
+                start_ray=start_ray)
             complete = start_or_resume(build)
         if complete is not None:
             return complete
@@ -1286,11 +1443,13 @@ def build_index(
         cluster = _Cluster.current()
         sample_and_train(build, cluster, timings)
         with _timed(timings, "add_s"):
-            entries, counts = add_shards(build, cluster)
+            entries, counts, shard_seconds = add_shards(build, cluster)
         with _timed(timings, "tune_s"):
             tuned = tune_search(build, entries, cluster)
         with _timed(timings, "finish_s"):
             finished = merge_and_measure(build, entries, tuned["params"], cluster)
+        timings.update(finished["seconds"])
+        timings["shard_tasks"] = shard_seconds  # summed over tasks, which run side by side
     return write_index_json(build, entries, counts, tuned, finished, model_info, timings,
                             time.perf_counter() - t_start)
 
