@@ -148,7 +148,7 @@ class PieceWriter:
         # the batch's seconds and requests go on its first piece only, so the driver's sums count them once
         return pa.Table.from_arrays([*(pa.array(c, t) for c, t in zip(cols, PIECE_SCHEMA.types[:4])),
                                      pa.array([node] * n), pa.array([encoder] * n),
-                                     pa.array([stage] + ["{}"] * (n - 1) if n else []),
+                                     pa.array([stage] + ["{}"] * (n - 1) if n else [], pa.string()),
                                      pa.array([s3_json] + ["{}"] * (n - 1) if n else [], pa.string())],
                                     schema=PIECE_SCHEMA)
 
