@@ -273,6 +273,55 @@ def _step(net: nn.Module, base: nn.Module, optimizer, scheduler, grad_clip: floa
     return float(loss.detach())
 
 
+@dataclass
+class _Window:
+    """Throughput and loss since the last logged step."""
+
+    t0: float  # when the window started (perf_counter)
+    images: int = 0  # images seen in it, all workers
+    loss_sum: float = 0.0  # summed per-step losses
+
+    def add(self, images: int, loss: float) -> None:
+        self.images += images
+        self.loss_sum += loss
+
+    def reset(self, t0: float) -> None:
+        self.t0, self.images, self.loss_sum = t0, 0, 0.0
+
+
+def _log_window(history: dict[str, Any], window: _Window, step: int, total: int, epoch: int, optimizer,
+                base: nn.Module, t_start: float, log: Callable[[str], None]) -> None:
+    """Append one logged step to the history, print it, and start a new window."""
+    now = time.perf_counter()
+    n_logged = step - (history["step"][-1] if history["step"] else 0)
+    entry = {
+        "step": step,
+        "loss": window.loss_sum / max(1, n_logged),
+        "lr": optimizer.param_groups[0]["lr"],
+        "logit_scale": float(base.logit_scale.detach().exp()),
+        "images_per_s": window.images / max(now - window.t0, 1e-9),
+    }
+    for k, v in entry.items():
+        history[k].append(v)
+    log(f"step {step}/{total} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
+        f"logit_scale {entry['logit_scale']:.1f} {entry['images_per_s']:.0f} img/s elapsed {now - t_start:.0f}s")
+    window.reset(now)
+
+
+def _evaluate(base: nn.Module, eval_fn: Callable[[nn.Module], dict[str, float]] | None, history: dict[str, Any],
+              step: int, log: Callable[[str], None]) -> None:
+    """``eval_fn`` on the unwrapped model in eval mode, recorded in the history and logged."""
+    if eval_fn is None:
+        return
+    base.eval()
+    with torch.no_grad():
+        metrics = dict(eval_fn(base))
+    base.train()
+    history["eval"].append({"step": step, **metrics})
+    log(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in metrics.items()))
+
+
 def train(
     model: nn.Module,
     pairs_dataset: Dataset,
@@ -315,19 +364,8 @@ def train(
     log(f"training {n_params / 1e6:.2f}M parameters: {total} steps, batch {batch_size} x {world} worker(s), "
         f"{steps_per_epoch} steps/epoch, {len(pairs_dataset)} pairs")
 
-    def run_eval(step: int) -> None:
-        if eval_fn is None or rank != 0:
-            return
-        base.eval()
-        with torch.no_grad():
-            metrics = dict(eval_fn(base))
-        base.train()
-        history["eval"].append({"step": step, **metrics})
-        log(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in metrics.items()))
-
     t_start = time.perf_counter()
-    t_window, n_window, loss_window = t_start, 0, 0.0
+    window = _Window(t_start)
     step, epoch = 0, 0
     while step < total:
         if sampler is not None:
@@ -335,33 +373,19 @@ def train(
         for pixels, tokens in loader:
             loss = _step(net, base, optimizer, scheduler, cfg.grad_clip, pixels, tokens)
             step += 1
-            n_window += pixels.shape[0] * world
-            loss_window += loss
+            window.add(pixels.shape[0] * world, loss)
             if cfg.log_every and (step % cfg.log_every == 0 or step == total):
-                now = time.perf_counter()
-                n_logged = step - (history["step"][-1] if history["step"] else 0)
-                entry = {
-                    "step": step,
-                    "loss": loss_window / max(1, n_logged),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "logit_scale": float(base.logit_scale.detach().exp()),
-                    "images_per_s": n_window / max(now - t_window, 1e-9),
-                }
-                for k, v in entry.items():
-                    history[k].append(v)
-                log(f"step {step}/{total} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
-                    f"logit_scale {entry['logit_scale']:.1f} {entry['images_per_s']:.0f} img/s "
-                    f"elapsed {now - t_start:.0f}s")
-                t_window, n_window, loss_window = now, 0, 0.0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                run_eval(step)
+                _log_window(history, window, step, total, epoch, optimizer, base, t_start, log)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total and rank == 0:
+                _evaluate(base, eval_fn, history, step, log)
             if checkpoint_fn is not None and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                     and step < total:
                 checkpoint_fn(base, step)
             if step >= total:
                 break
         epoch += 1
-    run_eval(step)
+    if rank == 0:
+        _evaluate(base, eval_fn, history, step, log)
     base.eval()
     history.update(steps=step, images_seen=step * batch_size * world, wall_time_s=time.perf_counter() - t_start,
                    epochs=epoch, batch_size=batch_size, world_size=world)

@@ -227,6 +227,16 @@ def s3_client(endpoint: str):
                         aws_secret_access_key="testing", region_name="us-east-1")
 
 
+def s3_put_parquet(client, bucket: str, key: str, table: pa.Table) -> None:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    client.put_object(Bucket=bucket, Key=key, Body=sink.getvalue())
+
+
+def s3_read_parquet(client, bucket: str, key: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+
 def s3_overrides(endpoint: str) -> list[str]:
     """Config overrides that point the job at the test server (explicit, so Ray workers that
     started before the server did still get the endpoint and keys)."""

@@ -3,18 +3,17 @@ images and the class list, and receives the results."""
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipeline_fixtures import ray_local, s3_server, tiny_checkpoint, tiny_encoder  # noqa: F401 (fixtures)
 from pipeline_fixtures import cosine_rows, embeddings, image_bytes, make_image, s3_client, s3_overrides
+from pipeline_fixtures import s3_put_parquet, s3_read_parquet
 from pipelines import cli
 from pipelines import storage as pio
 
@@ -36,9 +35,7 @@ def bucket(s3_server):
     images = [f"s3://data/in/images/{i:02d}.png" if i % 2 else f"images/{i:02d}.png" for i in range(N)]
     images[-1] = "s3://data/in/images/nope.png"
     table = pa.table({"id": list(range(N)), "image": images, "text": [f"text {i}" for i in range(N)]})
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    client.put_object(Bucket="data", Key="in/manifest.parquet", Body=sink.getvalue())
+    s3_put_parquet(client, "data", "in/manifest.parquet", table)
     client.put_object(Bucket="data", Key="classes.txt", Body=b"# shapes\nred square\nblue circle\n\ngreen star\n")
     return {"client": client, "endpoint": s3_server, "blobs": blobs}
 
@@ -93,8 +90,7 @@ def test_s3_manifest_images_and_output(ray_local, bucket, tiny_checkpoint, tiny_
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="results", Prefix="job/")["Contents"])
     assert keys == ["job/_SUCCESS", "job/_plan.json", "job/_run.json", "job/results/part-00000.parquet",
                     "job/results/part-00001.parquet", "job/results/part-00002.parquet"]
-    parts = [pq.read_table(io.BytesIO(client.get_object(Bucket="results", Key=k)["Body"].read()))
-             for k in keys if k.endswith(".parquet")]
+    parts = [s3_read_parquet(client, "results", k) for k in keys if k.endswith(".parquet")]
     table = pa.concat_tables(parts)
     assert table.column("id").to_pylist() == list(range(N))
     status = table.column("status").to_pylist()

@@ -4,19 +4,17 @@ run; an S3 that refuses every request fails the job fast with one clear line."""
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from fault_proxy import FaultProxy
 from pipeline_fixtures import ray_local, s3_server, tiny_checkpoint  # noqa: F401 (fixtures)
-from pipeline_fixtures import S3_KEYS, embeddings, image_bytes, make_image, s3_client
+from pipeline_fixtures import S3_KEYS, embeddings, image_bytes, make_image, s3_client, s3_put_parquet, s3_read_parquet
 from pipelines import cli
 
 pytestmark = pytest.mark.e2e
@@ -32,9 +30,7 @@ def bucket(s3_server):
         client.put_object(Bucket="flaky-in", Key=f"images/{i:02d}.png", Body=image_bytes(make_image(200 + i), "PNG"))
     table = pa.table({"id": [f"r{i}" for i in range(N)], "image": [f"images/{i:02d}.png" for i in range(N)],
                       "text": [f"a caption {i}" for i in range(N)]})
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    client.put_object(Bucket="flaky-in", Key="manifest.parquet", Body=sink.getvalue())
+    s3_put_parquet(client, "flaky-in", "manifest.parquet", table)
     return {"client": client, "endpoint": s3_server}
 
 
@@ -47,8 +43,7 @@ def _args(endpoint: str, out: str, checkpoint: str) -> list[str]:
 
 def _results(client, prefix: str) -> pa.Table:
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="flaky-out", Prefix=f"{prefix}/results/")["Contents"])
-    return pa.concat_tables([pq.read_table(io.BytesIO(client.get_object(Bucket="flaky-out", Key=k)["Body"].read()))
-                             for k in keys])
+    return pa.concat_tables([s3_read_parquet(client, "flaky-out", k) for k in keys])
 
 
 def test_a_flaky_s3_loses_nothing_and_changes_nothing(ray_local, bucket, tiny_checkpoint):
