@@ -44,4 +44,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/encoders.py
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) .venv-airflow demo_output

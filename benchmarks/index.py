@@ -215,19 +215,27 @@ OURS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_ours(results: Path, out_dir: Path, budget_gb: float, target: float) -> dict:
-    """Our build in a fresh interpreter of this environment, measured like autofaiss's."""
-    shutil.rmtree(out_dir, ignore_errors=True)
+def run_measured(script: str, *args: str, what: str) -> dict:
+    """``script`` in a fresh interpreter of this environment; the JSON report it prints last (with
+    ``vm_hwm`` and ``rss_after_imports``) plus ``peak_bytes``: its own peak above its size after
+    imports, plus its children's peak."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", OURS_SCRIPT, str(results), str(out_dir), str(budget_gb),
-                             repr(min(1.0, target))], stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=None, text=True,
+                            env=env)
     with PeakMemory(proc.pid) as mem:
         stdout, _ = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"our build failed ({proc.returncode})")
+        raise RuntimeError(f"{what} failed ({proc.returncode})")
     report = json.loads(stdout.strip().splitlines()[-1])
     report["peak_bytes"] = report["vm_hwm"] - report["rss_after_imports"] + mem.peak
     return report
+
+
+def run_ours(results: Path, out_dir: Path, budget_gb: float, target: float) -> dict:
+    """Our build in a fresh interpreter of this environment, measured like autofaiss's."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return run_measured(OURS_SCRIPT, str(results), str(out_dir), str(budget_gb), repr(min(1.0, target)),
+                        what="our build")
 
 
 def run_autofaiss(python: str, npy_dir: Path, out_dir: Path, budget_gb: float, cores: int) -> dict:

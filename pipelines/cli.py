@@ -1,7 +1,7 @@
 """``clip-etl``: the command line of the batch jobs and tools.
 
-Jobs (``run``, ``embed``, ``label``, ``caption``, ``index``) take ``-c CONFIG`` (optional; the
-config dataclasses' defaults apply without it) and ``section.key=value`` overrides. Tools
+Jobs (``run``, ``embed``, ``label``, ``caption``, ``index``, ``dedup OUTPUT``) take ``-c CONFIG``
+(optional; the config dataclasses' defaults apply without it) and ``section.key=value`` overrides. Tools
 (``search``, ``train``, ``export``, ``demo``, ``manifest``) have their own flags and live in their
 own modules, imported only when used, so a missing optional part fails that subcommand alone,
 clearly.
@@ -26,6 +26,7 @@ JOB_HELP = {
     "label": "embeddings and zero-shot labels",
     "caption": "embeddings and captions",
     "index": "build OUTPUT/index/ from the existing OUTPUT/results/",
+    "dedup": "semantic dedup of the existing OUTPUT/results/ into OUTPUT/dedup/",
 }
 
 # subcommand -> (module, add-arguments function, run function, help)
@@ -36,6 +37,8 @@ TOOLS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("pipelines.demo.run", "add_demo_arguments", "run_demo", "run the bundled demo end to end"),
     "manifest": ("pipelines.manifest", "add_manifest_arguments", "run_manifest",
                  "write a manifest Parquet listing a folder of images (local or s3://)"),
+    "report": ("pipelines.report", "add_report_arguments", "run_report",
+               "write a job output's HTML run report (OUTPUT/report.html)"),
 }
 
 
@@ -58,11 +61,20 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_job(sub, name: str) -> None:
     p = sub.add_parser(name, help=JOB_HELP[name], description=JOB_HELP[name])
+    if name in OUTPUT_JOBS:
+        p.add_argument("output", help="the job's output root (sets output.path), local or s3://")
     p.add_argument("-c", "--config", help="YAML config (conf/*.yaml); without it the built-in defaults apply")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. input.path=s3://bucket/manifest.parquet model.backend=onnx")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (also the default when stderr is not a terminal); results, the "
+                        "done line, the summary and errors still print")
     p.set_defaults(kind="job", job=name)
+
+
+# Jobs over an existing output, named by a positional OUTPUT instead of output.path=...
+OUTPUT_JOBS = ("dedup",)
 
 
 def _load_tool(name: str):
@@ -100,8 +112,11 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
 def _run_job(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, apply_job, load_config, to_yaml
 
+    overrides = list(args.overrides)
+    if getattr(args, "output", None) is not None:
+        overrides.append(f"output.path={args.output}")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         return _error(e, 2)
     if args.print_config:
@@ -112,7 +127,7 @@ def _run_job(args: argparse.Namespace) -> int:
     except ImportError as e:
         return _error(f"cannot import the pipeline: {e}", 1)
     try:
-        run_job(cfg, args.job)
+        run_job(cfg, args.job, progress=not (args.quiet or not sys.stderr.isatty()))
     except ConfigError as e:
         return _error(e, 2)
     except JobError as e:

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +26,14 @@ from typing import Any, Optional, Union
 import yaml
 
 # A job name -> which stages it runs; see :func:`apply_job`.
-JOBS = ("run", "embed", "label", "caption", "index")
+JOBS = ("run", "embed", "label", "caption", "index", "dedup")
 BACKENDS = ("auto", "torch", "torchscript", "onnx", "onnx-int8")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+INPUT_FORMATS = ("parquet", "webdataset")
+# A head's output activation, its activation between layers, and the embedding it reads.
+HEAD_ACTIVATIONS = ("none", "sigmoid", "softmax")
+HEAD_HIDDEN_ACTIVATIONS = ("relu", "none")
+HEAD_INPUTS = ("image_embedding", "text_embedding")
 
 
 class ConfigError(ValueError):
@@ -44,6 +50,11 @@ class InputConfig:
     # Manifest Parquet: a file, a directory (all *.parquet below it), a glob, an s3:// URI of
     # any of those, or a list of them. Required.
     path: Optional[Union[str, list[str]]] = None
+    # parquet: a manifest of rows. webdataset: tar shards of samples as img2dataset writes them
+    # (jpg/jpeg/png/webp with txt/json siblings), named in input.path like Parquet files or by a
+    # brace pattern (shards/{00000..00099}.tar); each tar is one shard, ids are the sample keys,
+    # and the id/image/text column keys below do not apply.
+    format: str = "parquet"
     # Column with a unique row id. When the manifest has no such column, ids are derived as
     # "<manifest path relative to the inputs' common folder>:<row number in that file>".
     id_column: str = "id"
@@ -134,8 +145,9 @@ class DecodeConfig:
 class EmbedConfig:
     """The model actors."""
 
-    # Rows per model call (an integer, so GPU memory use is predictable).
-    batch_size: int = 64
+    # Rows per model call (an integer, so GPU memory use is predictable). "auto": 64 when the run
+    # embeds images, 256 for texts alone (short texts batch well: length buckets trim the padding).
+    batch_size: Union[int, str] = "auto"
     # Number of model actors (each holds one copy of the model).
     actors: int = 1
     # CPUs reserved per actor: "auto" (1 for a GPU actor; a CPU actor takes its share of a node,
@@ -206,6 +218,65 @@ class IndexConfig:
 
 
 @dataclass
+class DedupConfig:
+    """Semantic dedup of the results (SemDeDup): k-means, then all pairs inside each cluster."""
+
+    # Run the dedup step at the end of `clip-etl run` (clip-etl dedup OUTPUT runs it on its own).
+    enabled: bool = False
+    # Cosine similarity at or above which two embeddings are near-duplicates. 0.9: resized,
+    # recompressed, cropped and recoloured copies scored >= 0.94 with the demo model, distinct
+    # images <= 0.87 (docs/curation.md); tune it per model.
+    threshold: float = 0.9
+    # k-means clusters; pairs are compared only inside a cluster. null: sqrt(rows), at most one
+    # per 39 rows.
+    clusters: Optional[int] = None
+    # Embeddings sampled (seeded) to train k-means.
+    sample_rows: int = 100_000
+    # Rows per block of the pairwise comparison and most rows per group task: bounds a task's
+    # memory to about 2 * block_rows * dim * 4 + block_rows^2 * 4 bytes, whatever the data.
+    block_rows: int = 4096
+    # Results column to deduplicate: image_embedding or text_embedding.
+    embedding_column: str = "image_embedding"
+
+
+@dataclass
+class FilterConfig:
+    """CLIP-score filtering: a keep flag per result row in OUTPUT/filter/ (rows are never dropped).
+
+    Set either key to turn the filter on; rows without a clip_score (no image or no text, or one
+    of them failed) are then keep=false with reason no_clip_score.
+    """
+
+    # Keep rows whose clip_score (cosine of the image and text embeddings) is >= this. null: off.
+    min_clip_score: Optional[float] = None
+    # Keep the best fraction of the scored rows of the whole output, by clip_score: exactly
+    # floor(top_fraction * scored + 0.5) rows, ties at the threshold broken by output order. null: off.
+    top_fraction: Optional[float] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_clip_score is not None or self.top_fraction is not None
+
+
+@dataclass
+class HeadConfig:
+    """`heads` is a list (default empty); each item is a linear or small MLP head run in the model
+    actors on each row's embedding and written as its own results column (docs/curation.md).
+    The keys below are an item's: `heads.name` is the `name` of each item."""
+
+    # The output column (unique, not a result column or passthrough column). Required.
+    name: str = ""
+    # The head's weights: a .safetensors, .pt/.pth/.bin state dict or .npz file, local or s3://. Required.
+    path: str = ""
+    # Applied to the last layer's output: none, sigmoid or softmax.
+    activation: str = "none"
+    # Between layers: relu, or none (the LAION aesthetic MLP has no activations).
+    hidden_activation: str = "relu"
+    # The L2-normalized embedding the head reads: image_embedding or text_embedding.
+    input: str = "image_embedding"
+
+
+@dataclass
 class S3Config:
     """S3 access; empty fields use the standard AWS environment and config chain."""
 
@@ -254,6 +325,10 @@ class PipelineConfig:
     label: LabelConfig = field(default_factory=LabelConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    # A list of HeadConfig mappings, e.g. [{name: aesthetic, path: head.safetensors}]; [] = none.
+    heads: list[HeadConfig] = field(default_factory=list)
     s3: S3Config = field(default_factory=S3Config)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -337,6 +412,19 @@ def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def list_item_class(tp: Any) -> Any:
+    """The dataclass of a ``list[SomeConfig]`` annotation (the ``heads:`` list), else None."""
+    if typing.get_origin(tp) is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return arg if dataclasses.is_dataclass(arg) else None
+    return None
+
+
+def section_class(tp: Any) -> Any:
+    """A section's dataclass: the annotation itself, or a list section's item class."""
+    return list_item_class(tp) or tp
+
+
 def _suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -369,6 +457,12 @@ def _build(cls, data: Any, where: str):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full)
+            continue
+        item = list_item_class(tp)
+        if item is not None:
+            if not isinstance(value, list):
+                raise ConfigError(f"config key {full!r} must be a list of mappings, got {_shown(full, value)}")
+            kwargs[key] = [_build(item, v, f"{full}[{i}]") for i, v in enumerate(value)]
             continue
         ok, converted = _check_value(value, tp)
         if not ok:
@@ -500,7 +594,6 @@ def validate(cfg: PipelineConfig) -> None:
         "decode.io_threads": cfg.decode.io_threads,
         "decode.max_pixels": cfg.decode.max_pixels,
         "decode.max_image_bytes": cfg.decode.max_image_bytes,
-        "embed.batch_size": cfg.embed.batch_size,
         "embed.actors": cfg.embed.actors,
         "label.top_k": cfg.label.top_k,
         "s3.max_attempts": cfg.s3.max_attempts,
@@ -517,17 +610,25 @@ def validate(cfg: PipelineConfig) -> None:
         "ray.object_store_mb": cfg.ray.object_store_mb,
         "index.shards": cfg.index.shards,
         "index.vectors_per_shard": cfg.index.vectors_per_shard,
+        "dedup.clusters": cfg.dedup.clusters,
     }.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1 or null, got {value}")
+    _validate_dedup(cfg.dedup)
     if cfg.output.lease_timeout_s <= 0:
         raise ConfigError(f"config key 'output.lease_timeout_s' must be > 0, got {cfg.output.lease_timeout_s}")
     if cfg.decode.timeout_s is not None and cfg.decode.timeout_s <= 0:
         raise ConfigError(f"config key 'decode.timeout_s' must be > 0 or null, got {cfg.decode.timeout_s}")
     if cfg.input.allowed_roots is not None and not all(isinstance(r, str) and r for r in cfg.input.allowed_roots):
         raise ConfigError("config key 'input.allowed_roots' must be a list of folders or s3:// prefixes, or null")
+    if cfg.input.format not in INPUT_FORMATS:
+        raise ConfigError(f"config key 'input.format' must be one of {', '.join(INPUT_FORMATS)}; got {cfg.input.format!r}")
     if cfg.decode.placement not in ("auto", "tasks", "actors"):
         raise ConfigError(f"config key 'decode.placement' must be auto, tasks or actors; got {cfg.decode.placement!r}")
+    if isinstance(cfg.embed.batch_size, str) and cfg.embed.batch_size != "auto":
+        raise ConfigError(f"config key 'embed.batch_size' must be 'auto' or an integer, got {cfg.embed.batch_size!r}")
+    if not isinstance(cfg.embed.batch_size, str) and cfg.embed.batch_size < 1:
+        raise ConfigError(f"config key 'embed.batch_size' must be >= 1, got {cfg.embed.batch_size}")
     for key, value, least in (("decode.num_cpus", cfg.decode.num_cpus, "> 0"),
                               ("embed.num_cpus", cfg.embed.num_cpus, "> 0"),
                               ("embed.num_gpus", cfg.embed.num_gpus, ">= 0")):
@@ -560,12 +661,57 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError("config keys 'input.id_column', 'input.image_column' and 'input.text_column' must differ")
     if not cfg.output.path:
         raise ConfigError("config key 'output.path' must not be empty")
+    _validate_filter(cfg.filter)
+    _validate_heads(cfg.heads)
+
+
+def _validate_filter(f: FilterConfig) -> None:
+    if f.min_clip_score is not None and not -1.0 <= f.min_clip_score <= 1.0:
+        raise ConfigError(f"config key 'filter.min_clip_score' must be in [-1, 1] or null, got {f.min_clip_score}")
+    if f.top_fraction is not None and not 0.0 < f.top_fraction <= 1.0:
+        raise ConfigError(f"config key 'filter.top_fraction' must be in (0, 1] or null, got {f.top_fraction}")
+
+
+# Names a head's column may not take beyond the result columns (checked against the manifest's
+# columns by the job): Python-identifier-like, so they read well in Parquet, SQL and pandas.
+_HEAD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _validate_heads(heads: list[HeadConfig]) -> None:
+    seen: set[str] = set()
+    for i, h in enumerate(heads):
+        key = f"heads[{i}]"
+        if not _HEAD_NAME.match(h.name or "") or h.name.startswith("__"):
+            raise ConfigError(f"config key '{key}.name' must be a column name (letters, digits, _; not "
+                              f"starting with __), got {h.name!r}")
+        if h.name in seen:
+            raise ConfigError(f"config key '{key}.name': {h.name!r} names two heads; head names must be unique")
+        seen.add(h.name)
+        if not h.path:
+            raise ConfigError(f"config key '{key}.path' is required (a .safetensors, .pt or .npz file)")
+        for field_name, value, allowed in (("activation", h.activation, HEAD_ACTIVATIONS),
+                                           ("hidden_activation", h.hidden_activation, HEAD_HIDDEN_ACTIVATIONS),
+                                           ("input", h.input, HEAD_INPUTS)):
+            if value not in allowed:
+                raise ConfigError(f"config key '{key}.{field_name}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _validate_dedup(dedup: DedupConfig) -> None:
+    if not 0.0 < dedup.threshold <= 1.0:
+        raise ConfigError(f"config key 'dedup.threshold' must be a cosine similarity in (0, 1], got {dedup.threshold}")
+    for key, value, least in (("dedup.sample_rows", dedup.sample_rows, 1), ("dedup.block_rows", dedup.block_rows, 2)):
+        if value < least:
+            raise ConfigError(f"config key {key!r} must be >= {least}, got {value}")
+    if dedup.embedding_column not in ("image_embedding", "text_embedding"):
+        raise ConfigError("config key 'dedup.embedding_column' must be image_embedding or text_embedding, "
+                          f"got {dedup.embedding_column!r}")
 
 
 def apply_job(cfg: PipelineConfig, job: str) -> PipelineConfig:
     """Switch stages for a subcommand: ``embed`` = embeddings only, ``label`` = + labels,
-    ``caption`` = + captions, ``run`` = as configured. The subcommand wins over the file, so
-    ``clip-etl embed -c conf/pipeline.yaml`` never builds an index."""
+    ``caption`` = + captions, ``run`` = as configured (``dedup`` as well: it only reads the
+    results). The subcommand wins over the file, so ``clip-etl embed -c conf/pipeline.yaml``
+    never builds an index."""
     if job not in JOBS:
         raise ConfigError(f"unknown job {job!r}; one of {', '.join(JOBS)}")
     cfg = dataclasses.replace(
@@ -595,11 +741,12 @@ def config_keys() -> list[tuple[str, str, Any]]:
     out = []
     defaults = PipelineConfig()
     for section in dataclasses.fields(PipelineConfig):
-        cls = _section_types(PipelineConfig)[section.name]
+        tp = _section_types(PipelineConfig)[section.name]
+        cls = section_class(tp)
         hints = _section_types(cls)
+        values = cls() if cls is not tp else getattr(defaults, section.name)  # a list section: an item's defaults
         for f in dataclasses.fields(cls):
-            out.append((f"{section.name}.{f.name}", _type_name(hints[f.name]),
-                        getattr(getattr(defaults, section.name), f.name)))
+            out.append((f"{section.name}.{f.name}", _type_name(hints[f.name]), getattr(values, f.name)))
     return out
 
 
@@ -608,7 +755,10 @@ __all__ = [
     "CaptionConfig",
     "ConfigError",
     "DecodeConfig",
+    "DedupConfig",
     "EmbedConfig",
+    "FilterConfig",
+    "HeadConfig",
     "IndexConfig",
     "InputConfig",
     "JOBS",
@@ -620,6 +770,8 @@ __all__ = [
     "S3Config",
     "apply_job",
     "config_keys",
+    "list_item_class",
+    "section_class",
     "from_dict",
     "load_config",
     "parse_override",

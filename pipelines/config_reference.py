@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import SECRET_KEYS, PipelineConfig, config_keys
+from pipelines.config import SECRET_KEYS, PipelineConfig, config_keys, section_class
 
 DEFAULT_PATH = "docs/configuration.md"
 COMMAND = "python -m pipelines.config_reference --write"
@@ -79,7 +79,7 @@ def sections() -> list[Section]:
     types_and_defaults = {key: (tp, default) for key, tp, default in config_keys()}
     out = []
     for section in dataclasses.fields(PipelineConfig):
-        cls = hints[section.name]
+        cls = section_class(hints[section.name])  # the heads: list documents its items' keys
         comments = field_comments(cls)
         keys = []
         for f in dataclasses.fields(cls):

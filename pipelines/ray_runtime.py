@@ -82,7 +82,7 @@ def actor_gpus(setting: float | str, session: RaySession) -> float:
 # ``decode.placement=tasks``; by default CPU actors decode themselves): decoding photos with JPEG
 # draft measured a third of the work of a ViT-B/32 in bf16 (BENCHMARKS.md), larger models less.
 DECODE_SHARE = 0.25
-# CPUs ``auto`` leaves free on a node for the brief read and write tasks (0.1 each).
+# CPUs ``auto`` leaves free on a node for the brief read, write and commit tasks (0.1 each).
 SMALL_TASKS_CPUS = 0.2
 
 

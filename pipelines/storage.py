@@ -214,10 +214,11 @@ def read_json(path: str, s3: S3Options | None = None) -> Any:
 
 
 def write_parquet_atomic(table: pa.Table, path: str, s3: S3Options | None = None, *,
-                         tmp_prefix: str = ".tmp-", compression: str = "zstd") -> None:
+                         tmp_prefix: str = ".tmp-", compression: str = "zstd",
+                         row_group_size: int | None = None) -> None:
     """Serialize the whole table in memory, then publish it atomically."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
     write_bytes_atomic(path, sink.getvalue(), s3, tmp_prefix)
 
 
@@ -302,6 +303,31 @@ def remove_tree(path: str, s3: S3Options | None = None) -> None:
         pass
 
 
+def replace_tree(src: str, dst: str, s3: S3Options | None = None) -> None:
+    """Make the folder ``dst`` hold what the folder ``src`` holds (and nothing it held before);
+    ``src`` is gone afterwards.
+
+    Local: two renames (the old folder aside, the new one in place), so a reader sees the old
+    folder or the new one, never a mix. S3 has no rename: the old prefix is deleted, then the new
+    objects are copied in; a writer that needs readers to tell "complete" from "being replaced"
+    writes a marker file into ``dst`` after this returns.
+    """
+    if not is_s3(dst):
+        src, dst = strip_scheme(src), strip_scheme(dst)
+        old = f"{dst}.old-{unique_suffix()}"
+        if os.path.exists(dst):
+            os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    fs = fsspec_filesystem(dst, s3)
+    remove_tree(dst, s3)
+    raw_src, raw_dst = strip_scheme(src).rstrip("/"), strip_scheme(dst).rstrip("/")
+    for path in sorted(fs.find(raw_src)):
+        fs.copy(path, raw_dst + path[len(raw_src):])
+    remove_tree(src, s3)
+
+
 def file_info(path: str, s3: S3Options | None = None) -> dict[str, Any]:
     """``{"size": bytes, "mtime": float | None, "etag": str | None}`` of a file; used to tell
     whether an input changed between a run and its resume."""
@@ -383,6 +409,7 @@ __all__ = [
     "read_parquet_rows",
     "remove",
     "remove_tree",
+    "replace_tree",
     "resolve_relative",
     "strip_scheme",
     "unique_suffix",

@@ -6,6 +6,7 @@ Import the fixtures into a test module with ``from pipeline_fixtures import *``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,6 +110,22 @@ def write_manifest(path: Path, columns: dict, *, row_group_size: int | None = No
     return path
 
 
+def write_noisy_jpeg_manifest(root: Path, rows: int, *, size: tuple[int, int] = (900, 700)) -> Path:
+    """``rows`` large noisy JPEGs and a manifest with ids ``id000``...: decoding them is slow enough
+    for a test to stop a run after its first shards and before its last."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(rows):
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        (root / "images" / f"{i:03d}.jpg").write_bytes(image_bytes(Image.fromarray(arr), "JPEG", quality=90))
+        names.append(f"images/{i:03d}.jpg")
+    return write_manifest(root / "manifest.parquet", {
+        "id": [f"id{i:03d}" for i in range(rows)], "image": names, "text": [f"caption {i}" for i in range(rows)]})
+
+
 def read_results(output: str | Path, s3=None) -> pa.Table:
     """All committed parts of a job's results, in part order."""
     from pipelines import storage as pio
@@ -201,6 +219,77 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
     return predicate()
 
 
+def pids_using(marker: str) -> list[int]:
+    """Processes (other than this one) whose command line contains ``marker``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmd and int(entry) != os.getpid():
+            out.append(int(entry))
+    return out
+
+
+@contextlib.contextmanager
+def ray_head(env: dict, *, num_cpus: int = 2, object_store_bytes: int = 200_000_000):
+    """A real ``ray start --head`` with the dashboard (the Jobs API) on free loopback ports.
+
+    Yields ``{"address": <Jobs API URL>, "gcs": <host:port>, "temp_dir", "env", "procs"}``; a caller
+    that starts more nodes appends their ``Popen`` to ``procs`` (and puts their temp dir under
+    ``temp_dir``). Teardown stops only these processes (their process groups, then any process
+    still pointing at the private temp dir) rather than ``ray stop``, which would stop every Ray on
+    the machine.
+    """
+    ray = str(VENV_BIN / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ports = {name: free_port() for name in ("port", "dashboard-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "node-manager-port", "object-manager-port",
+                                            "runtime-env-agent-port")}
+    args = [ray, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_bytes}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}"] + [f"--{k}={v}" for k, v in ports.items()]
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+
+    def job_server_up() -> bool:
+        if proc.poll() is not None:
+            return True
+        r = subprocess.run([ray, "job", "list", "--address", address], capture_output=True, env=env, timeout=60)
+        return r.returncode == 0
+
+    procs = [proc]
+    try:
+        ok = wait_for(job_server_up, timeout=240, interval=2)
+        if proc.poll() is not None or not ok:
+            log.flush()
+            pytest.fail("ray start --head did not come up:\n" + Path(temp_dir, "head.log").read_text()[-3000:])
+        yield {"address": address, "gcs": f"127.0.0.1:{ports['port']}", "temp_dir": temp_dir, "env": env,
+               "procs": procs}
+    finally:
+        for p in reversed(procs):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+                if wait_for(lambda: p.poll() is not None, timeout=5, interval=0.5):
+                    break
+        for pid in pids_using(temp_dir):  # daemons that left the process group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------
 # S3
 # --------------------------------------------------------------------------------------------
@@ -262,6 +351,8 @@ __all__ = [
     "image_bytes",
     "kill_group",
     "make_image",
+    "pids_using",
+    "ray_head",
     "ray_local",
     "read_results",
     "run_cli",
@@ -273,4 +364,5 @@ __all__ = [
     "wait_for",
     "write_images",
     "write_manifest",
+    "write_noisy_jpeg_manifest",
 ]

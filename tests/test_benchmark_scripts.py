@@ -42,3 +42,17 @@ def test_pipeline_benchmark_runs_all_three_sides(tmp_path):
         assert part["a"]["per_s"] > 0 and part["b"]["per_s"] > 0 and part["c"]["per_s"] > 0
         assert part["ratios"]["b/c"] == pytest.approx(part["b"]["per_s"] / part["c"]["per_s"])
     assert "ratio b/c" in proc.stdout
+
+
+def test_dedup_benchmark_agrees_with_exact_search(tmp_path):
+    out = tmp_path / "dedup.json"
+    proc = subprocess.run([sys.executable, "benchmarks/dedup.py", "--quick", "--cpus", "2",
+                           "--data-dir", str(tmp_path / "data"), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    doc = json.loads(out.read_text())
+    assert doc["rows"] >= 4000 and doc["exact_pairs"] > 100  # planted groups were found by the baseline
+    assert doc["agreement"]["f1"] >= 0.99 and doc["ours"]["clusters"] > 1
+    assert doc["ours"]["peak_bytes"] > 0 and doc["exact"]["peak_bytes"] > 0
+    assert doc["speedup_exact/ours"] == pytest.approx(doc["exact"]["seconds"] / doc["ours"]["seconds"])
+    assert "ratio exact/ours" in proc.stdout

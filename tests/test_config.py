@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from pipelines.config import (
     PipelineConfig,
     apply_job,
     config_keys,
+    list_item_class,
     load_config,
     parse_override,
 )
@@ -35,8 +37,10 @@ def _flat_keys(d: dict, prefix: str = "") -> set[str]:
 def test_pipeline_yaml_mirrors_the_defaults():
     text = (REPO / "conf" / "pipeline.yaml").read_text()
     assert load_config(REPO / "conf" / "pipeline.yaml") == PipelineConfig()
-    # every key is spelled out (and so documented) in the file
-    assert _flat_keys(yaml.safe_load(text)) == {k for k, _, _ in config_keys()}
+    # every key is spelled out (and so documented) in the file; a list section (heads) as its name
+    hints = typing.get_type_hints(PipelineConfig)
+    expected = {k.split(".")[0] if list_item_class(hints[k.split(".")[0]]) else k for k, _, _ in config_keys()}
+    assert _flat_keys(yaml.safe_load(text)) == expected
 
 
 @pytest.mark.parametrize("name", ["embed", "label", "caption", "index"])
@@ -86,7 +90,7 @@ def test_file_then_overrides(tmp_path):
     [
         (["label.clases=[a]"], r"unknown config key 'label\.clases' \(did you mean 'label\.classes'\?\)"),
         (["nosuch.key=1"], r"unknown config key 'nosuch\.key'"),
-        (["embed.batch_size=lots"], r"'embed\.batch_size' must be an integer"),
+        (["embed.batch_size=lots"], r"'embed\.batch_size' must be 'auto' or an integer"),
         (["index.enabled=maybe"], r"'index\.enabled' must be true/false"),
         (["label.classes={a: 1}"], r"'label\.classes' must be a string or a list of strings"),
         (["model.backend=tensorflow"], r"'model\.backend' must be one of"),
@@ -199,3 +203,12 @@ def test_every_tool_has_help(tool, flag, capsys):
     assert cli.main([tool, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: clip-etl {tool}") and flag in out
+
+
+def test_embed_batch_size_auto_is_larger_for_texts_alone():
+    from pipelines.etl.embed import resolve_batch_size
+
+    assert load_config(None, []).embed.batch_size == "auto"
+    assert resolve_batch_size("auto", images=True) == 64
+    assert resolve_batch_size("auto", images=False) == 256
+    assert resolve_batch_size(16, images=False) == 16

@@ -225,6 +225,10 @@ def test_tokenize_texts(decode_opts):
 
     tokens, errors = tokenize_texts(["ok", "", None, LONG_TEXT], decode_opts)
     assert tokens[0] is not None and tokens[3] is not None and tokens[2] is None
+    # int32 ids cross the object store: 4 bytes a position, the tokenizer's ids exactly
+    assert len(tokens[0]) == 4 * decode_opts.context_length
+    expected = decode_opts.tokenizer(["ok"], context_length=decode_opts.context_length, truncate=True)
+    assert np.frombuffer(tokens[0], np.int32).tolist() == np.asarray(expected)[0].tolist()
     assert errors == [None, "text.empty: text is empty", None, None]
     strict = dataclasses.replace(decode_opts, truncate_text=False)
     tokens, errors = tokenize_texts(["ok", LONG_TEXT], strict)

@@ -4,8 +4,7 @@ The job's driver runs ``clip-etl`` from the submitted working directory, connect
 cluster through ``RAY_ADDRESS`` (set by the job server) instead of starting its own Ray, and the
 submission ends SUCCEEDED with ``_SUCCESS`` written.
 
-Teardown stops only this test's cluster (its process group, then any process still pointing at
-its private temp dir) rather than ``ray stop``, which would stop every Ray on the machine.
+Teardown stops only this test's cluster (see ``pipeline_fixtures.ray_head``), never ``ray stop``.
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -24,73 +21,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_fixtures import tiny_checkpoint  # noqa: F401 (fixture)
-from pipeline_fixtures import VENV_BIN, cli_env, copy_conf, free_port, read_results, wait_for, write_images, write_manifest
+from pipeline_fixtures import VENV_BIN, cli_env, copy_conf, free_port, ray_head, read_results, wait_for, write_images, write_manifest
 
 pytestmark = pytest.mark.e2e
 RAY = str(VENV_BIN / "ray")
-
-
-def _pids_using(marker: str) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if marker.encode() in cmd and int(entry) != os.getpid():
-            out.append(int(entry))
-    return out
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     # Token authentication, as Ray enables by default, with a token private to this test.
     env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = {name: free_port() for name in ("port", "dashboard-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "metrics-export-port", "node-manager-port", "object-manager-port",
-                                            "runtime-env-agent-port")}
-    args = [RAY, "start", "--head", "--block", "--num-cpus=2", "--object-store-memory=200000000",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats", f"--temp-dir={temp_dir}"] + [f"--{k}={v}" for k, v in ports.items()]
-    log = open(os.path.join(temp_dir, "head.log"), "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-
-    def job_server_up() -> bool:
-        if proc.poll() is not None:
-            return True
-        r = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, env=env, timeout=60)
-        return r.returncode == 0
-
-    procs = [proc]
-    try:
-        ok = wait_for(job_server_up, timeout=240, interval=2)
-        if proc.poll() is not None or not ok:
-            log.flush()
-            pytest.fail("ray start --head did not come up:\n" + Path(temp_dir, "head.log").read_text()[-3000:])
-        procs.append(_start_worker_node(f"127.0.0.1:{ports['port']}", temp_dir, env, address))
-        yield {"address": address, "temp_dir": temp_dir, "env": env}
-    finally:
-        for p in reversed(procs):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-                if wait_for(lambda: p.poll() is not None, timeout=5, interval=0.5):
-                    break
-        for pid in _pids_using(temp_dir):  # daemons that left the process group
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(env) as head:
+        head["procs"].append(_start_worker_node(head["gcs"], head["temp_dir"], env, head["address"]))
+        yield head
 
 
 def _alive_nodes(address: str, env: dict) -> int:

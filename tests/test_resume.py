@@ -23,12 +23,11 @@ from pipeline_fixtures import (
     _session_members,
     cli_env,
     embeddings,
-    image_bytes,
     kill_group,
     read_results,
     tiny_checkpoint,  # noqa: F401 (fixture)
     wait_for,
-    write_manifest,
+    write_noisy_jpeg_manifest,
 )
 
 pytestmark = pytest.mark.e2e
@@ -37,19 +36,7 @@ ROWS, SHARD = 48, 6  # 8 shards
 
 @pytest.fixture(scope="module")
 def slow_manifest(tmp_path_factory):
-    """Large noisy JPEGs: decoding them is slow enough for the kill to land mid-run."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(7)
-    (root / "images").mkdir()
-    names = []
-    for i in range(ROWS):
-        arr = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
-        (root / "images" / f"{i:03d}.jpg").write_bytes(image_bytes(Image.fromarray(arr), "JPEG", quality=90))
-        names.append(f"images/{i:03d}.jpg")
-    return write_manifest(root / "manifest.parquet", {
-        "id": [f"id{i:03d}" for i in range(ROWS)], "image": names, "text": [f"caption {i}" for i in range(ROWS)]})
+    return write_noisy_jpeg_manifest(tmp_path_factory.mktemp("resume"), ROWS)
 
 
 def _args(manifest, out, checkpoint) -> list[str]:

@@ -37,7 +37,7 @@ def demo_config_dict() -> dict[str, Any]:
         "input": {"path": "demo_output/data/manifest.parquet"},
         "output": {"path": "demo_output/run", "shard_size": 100},
         "model": {"checkpoint": "demo", "backend": "auto", "precision": "auto"},
-        "embed": {"batch_size": 64, "actors": 1},
+        "embed": {"batch_size": "auto", "actors": 1},
         "label": {"enabled": True, "classes": "demo", "templates": "demo", "top_k": 3},
         "caption": {"enabled": True, "vocabulary": "demo"},
         "index": {"enabled": True, "target_recall": 0.95},

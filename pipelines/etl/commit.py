@@ -54,6 +54,13 @@ class _PendingShard:
         return reach >= self.shard.stop
 
 
+# CPUs a compaction task reserves. It reads a shard's pieces, sorts and writes one part: brief, like
+# the write tasks, and it must fit in what CPU actors leave free (ray_runtime.SMALL_TASKS_CPUS):
+# with half a CPU it waited until the actors were done, so every shard committed only at the end
+# of the run and a run killed before then had committed nothing.
+COMMIT_CPUS = 0.1
+
+
 class ShardCommitter:
     """Track coverage of the pending shards and commit each one as a Ray task once covered."""
 
@@ -77,7 +84,7 @@ class ShardCommitter:
         self.nodes: Counter = Counter()  # pieces written per node id
         self.encoders: set[str] = set()
         self.pieces_seen = 0
-        self._compact = ray.remote(num_cpus=0.5, max_retries=3)(compact_shard)
+        self._compact = ray.remote(num_cpus=COMMIT_CPUS, max_retries=3)(compact_shard)
         self.t0 = time.perf_counter()
 
     def add(self, meta: pa.Table) -> None:

@@ -35,6 +35,10 @@ empty               (text) the text is empty or only whitespace
 too_long            (text) longer than the model's context and ``decode.truncate_text`` is false
 ==================  ==========================================================================
 
+Rows read from tar shards may also carry causes found while reading (``truncated_tar``,
+``corrupt_tar``, ``duplicate_member``; see :mod:`pipelines.etl.webdataset`), which
+:func:`add_read_errors` puts with the row's image or text errors.
+
 A null image or text cell is not an error: that input is simply absent for the row.
 
 One file cannot stall a worker: fetches and decodes run on threads, and one that runs past
@@ -72,7 +76,10 @@ from pipelines import storage as pio
 # width puts the batch's pixels back to back in one Arrow buffer, which the actor views as
 # [N, R, R, 3] without touching a row.
 PIXELS_COL = "__pixels"
-TOKENS_COL = "__tokens"  # int64 [context_length] as raw bytes, null when there is no usable text
+TOKENS_COL = "__tokens"  # TOKEN_DTYPE [context_length] as raw bytes, null when there is no usable text
+# Token ids cross the object store as int32: every vocabulary fits (CLIP's has 49,408 ids), at half
+# the bytes of the int64 the model takes; the encoder widens them.
+TOKEN_DTYPE = np.int32
 IMAGE_ERROR_COL = "__image_error"
 TEXT_ERROR_COL = "__text_error"
 DECODE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -379,7 +386,7 @@ def _call_or_error(fn: Callable[[Any], Any], x: Any) -> Any:
 # Texts
 # --------------------------------------------------------------------------------------------
 def tokenize_texts(values: list[Any], opts: DecodeOptions) -> tuple[list[bytes | None], list[str | None]]:
-    """A column of texts -> (int64 token bytes or None, error or None)."""
+    """A column of texts -> (TOKEN_DTYPE token bytes or None, error or None)."""
     from clip_core.tokenizer import TextTooLongError
 
     tokens: list[bytes | None] = [None] * len(values)
@@ -401,7 +408,7 @@ def tokenize_texts(values: list[Any], opts: DecodeOptions) -> tuple[list[bytes |
 
     def run(idx: list[int]) -> np.ndarray:
         out = opts.tokenizer([values[i] for i in idx], context_length=opts.context_length, truncate=opts.truncate_text)
-        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.int64)
+        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=TOKEN_DTYPE)
 
     try:
         arr = run(todo)
@@ -426,7 +433,7 @@ def decode_batch(table: pa.Table, opts: DecodeOptions) -> pa.Table:
 
     Never raises for a bad row; the batch keeps its row count and order.
     """
-    from pipelines.etl.read import FILE_COL
+    from pipelines.etl.read import FILE_COL, READ_ERROR_COL
 
     n = table.num_rows
     if opts.image_column:
@@ -438,7 +445,8 @@ def decode_batch(table: pa.Table, opts: DecodeOptions) -> pa.Table:
         tokens, txt_err = tokenize_texts(column_values(table, opts.text_column), opts)
     else:
         tokens, txt_err = [None] * n, [None] * n
-    drop = [c for c in opts.drop_columns if c in table.column_names]
+    add_read_errors(table, img_err, txt_err)
+    drop = [c for c in (*opts.drop_columns, READ_ERROR_COL) if c in table.column_names]
     if drop:
         table = table.drop_columns(drop)
     r = opts.transform.resolution
@@ -448,6 +456,20 @@ def decode_batch(table: pa.Table, opts: DecodeOptions) -> pa.Table:
         .append_column(IMAGE_ERROR_COL, pa.array(img_err, pa.string()))
         .append_column(TEXT_ERROR_COL, pa.array(txt_err, pa.string()))
     )
+
+
+def add_read_errors(table: pa.Table, img_err: list[str | None], txt_err: list[str | None]) -> None:
+    """Put the errors the read stage found (``read.READ_ERROR_COL``, e.g. a tar member cut short)
+    with the row's others: ``text.*`` causes with the text errors, the rest with the image errors.
+    The cell they concern is null, so decoding added no error of its own for it."""
+    from pipelines.etl.read import READ_ERROR_COL
+
+    if READ_ERROR_COL not in table.column_names:
+        return
+    for i, err in enumerate(table.column(READ_ERROR_COL).to_pylist()):
+        if err:
+            errors = txt_err if err.startswith("text.") else img_err
+            errors[i] = f"{errors[i]}; {err}" if errors[i] else err
 
 
 class DecodeFn:
@@ -496,6 +518,8 @@ __all__ = [
     "RowError",
     "TEXT_ERROR_COL",
     "TOKENS_COL",
+    "TOKEN_DTYPE",
+    "add_read_errors",
     "allowed_path",
     "block_rows",
     "column_values",

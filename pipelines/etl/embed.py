@@ -26,10 +26,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage as pio
-from pipelines.etl.decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKENS_COL
+from pipelines.etl.decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKEN_DTYPE, TOKENS_COL
 from pipelines.etl.label import LabelSpec, build_captioner, build_classifier, caption_column, label_columns
 
 NO_INPUT = "row.no_input: row has neither image nor text"
+# Cosine of the row's image and text embeddings (DataComp's CLIP score), where it has both.
+CLIP_SCORE_FIELD = pa.field("clip_score", pa.float32())
 ACTOR_INFO_COL = "__actor_model"  # JSON of the actor's encoder (first row of each batch), for _run.json
 
 
@@ -54,6 +56,7 @@ class StageSpec:
     label: LabelSpec | None = None  # zero-shot labels (from image embeddings)
     caption: bool = False  # captions (from image embeddings)
     caption_vocabulary: dict | None = None  # resolved CaptionSpec mapping; None = built-in
+    heads: list = field(default_factory=list)  # loaded pipelines.curation.heads.HeadSpec, one column each
     extra: dict = field(default_factory=dict)  # reserved
 
 
@@ -78,6 +81,15 @@ def actor_threads(num_cpus: float) -> int:
     still runs a thread, so 1.8 CPUs is 2 threads (the rest of that core goes to the small read
     and write tasks, or to decode tasks beside the actor)."""
     return max(1, math.ceil(num_cpus))
+
+
+def resolve_batch_size(batch_size: int | str, images: bool) -> int:
+    """``embed.batch_size``; ``auto`` is 64 rows when the run embeds images and 256 for texts
+    alone: a text batch is sorted into length buckets, each trimmed to its longest row, so a
+    larger batch of mixed captions runs on fewer padded tokens (BENCHMARKS.md, "End to end")."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return 64 if images else 256
 
 
 def load_job_encoder(spec: ModelSpec):
@@ -190,7 +202,8 @@ def embed_batch(
     """Pure batch function: decoded rows in, result rows out (internal tags kept for the writer).
 
     Adds ``image_embedding`` / ``text_embedding`` (when those inputs exist), the label and caption
-    columns (when on), ``status`` and ``error``; drops the pixel/token/error work columns.
+    columns (when on), ``clip_score`` (when both exist), one column per head, ``status`` and
+    ``error``; drops the pixel/token/error work columns.
     """
     n = table.num_rows
     dim = int(encoder.embed_dim)
@@ -200,8 +213,8 @@ def embed_batch(
     present = np.zeros(n, dtype=bool)  # the row provides at least one input
     new: dict[str, pa.Array] = {}
 
-    img_emb = np.zeros((n, dim), np.float32)
-    img_ok = np.zeros(n, dtype=bool)
+    img_emb, txt_emb = np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32)
+    img_ok, txt_ok = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     if stages.images:
         r = int(encoder.image_size)
         pixels, has_pixels = _stack(table.column(PIXELS_COL), np.uint8, (r, r, 3))  # [M, R, R, 3] uint8
@@ -210,10 +223,8 @@ def embed_batch(
         new["image_embedding"] = fixed_size_list(img_emb, img_ok)
 
     if stages.texts:
-        tokens, has_tokens = _stack(table.column(TOKENS_COL), np.int64, (int(encoder.context_length),))
+        tokens, has_tokens = _stack(table.column(TOKENS_COL), TOKEN_DTYPE, (int(encoder.context_length),))
         present |= has_tokens | np.array([e is not None for e in txt_err])
-        txt_emb = np.zeros((n, dim), np.float32)
-        txt_ok = np.zeros(n, dtype=bool)
         _embed_present(_text_fn(encoder), tokens, has_tokens, "text", txt_emb, txt_ok, row_errors)
         new["text_embedding"] = fixed_size_list(txt_emb, txt_ok)
 
@@ -221,6 +232,11 @@ def embed_batch(
         new.update(label_columns(classifier, img_emb, img_ok, stages.label.top_k))
     if stages.caption:
         new["caption"] = caption_column(captioner, img_emb, img_ok)
+    if stages.images and stages.texts:
+        new["clip_score"] = clip_score_column(img_emb, img_ok, txt_emb, txt_ok)
+    inputs = {"image_embedding": (img_emb, img_ok), "text_embedding": (txt_emb, txt_ok)}
+    for head in stages.heads:
+        new[head.name] = head.column(*inputs[head.input])
 
     for i in np.flatnonzero(~present):
         if not row_errors[i]:
@@ -233,6 +249,14 @@ def embed_batch(
     for name, arr in new.items():
         table = table.append_column(name, arr)
     return table
+
+
+def clip_score_column(img: np.ndarray, img_ok: np.ndarray, txt: np.ndarray, txt_ok: np.ndarray) -> pa.Array:
+    """Pure batch function: the cosine of each row's image and text embeddings (both are
+    L2-normalized, so it is their dot product), null where either is missing."""
+    both = img_ok & txt_ok
+    score = np.einsum("nd,nd->n", img, txt).astype(np.float32)
+    return pa.array(score, pa.float32(), mask=~both)
 
 
 def _image_fn(encoder):
@@ -320,6 +344,8 @@ def embed_dataset(
 __all__ = [
     "actor_threads",
     "ACTOR_INFO_COL",
+    "CLIP_SCORE_FIELD",
+    "clip_score_column",
     "EmbedActor",
     "ModelSpec",
     "NO_INPUT",
@@ -329,4 +355,5 @@ __all__ = [
     "fixed_size_list",
     "load_job_encoder",
     "localize_checkpoint",
+    "resolve_batch_size",
 ]

@@ -35,12 +35,16 @@ from typing import Any, Callable, Iterator
 
 from pipelines import storage as pio
 from pipelines.config import ConfigError, PipelineConfig, apply_job
+from pipelines.curation.filter import FILTER_DIR
+from pipelines.report.summary import summary_table
 
 RESULTS_DIR = "results"
 INDEX_DIR = "index"
+DEDUP_DIR = "dedup"  # = pipelines.curation.dedup.DEDUP_DIR
 PLAN_FILE = "_plan.json"
 RUN_FILE = "_run.json"
 SUCCESS_FILE = "_SUCCESS"
+RUN_LABELS = 30  # labels named in _run.json's counts (the rest summed as "(other)")
 
 
 class JobError(RuntimeError):
@@ -162,15 +166,19 @@ def versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------
-def run_job(cfg: PipelineConfig, job: str = "run", *, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Run one job (``run``, ``embed``, ``label``, ``caption`` or ``index``); returns the run record.
+def run_job(cfg: PipelineConfig, job: str = "run", *, log: Callable[[str], None] = _log,
+            progress: bool | None = None) -> dict[str, Any]:
+    """Run one job (``run``, ``embed``, ``label``, ``caption``, ``index`` or ``dedup``); returns the run record.
 
-    Raises :class:`JobError` (or :class:`~pipelines.config.ConfigError`) for job-level failures.
+    ``progress``: Ray Data's progress bars (default: when stderr is a terminal). Raises
+    :class:`JobError` (or :class:`~pipelines.config.ConfigError`) for job-level failures.
     """
     cfg = apply_job(cfg, job)
     if job == "index":
         return run_index_only(cfg, log=log)
-    return _run_pipeline(cfg, job, log)
+    if job == "dedup":
+        return run_dedup_only(cfg, log=log)
+    return _run_pipeline(cfg, job, log, sys.stderr.isatty() if progress is None else progress)
 
 
 @dataclass
@@ -181,6 +189,7 @@ class _Run:
     job: str
     log: Callable[[str], None]
     s3: pio.S3Options
+    progress: bool = False  # Ray Data's progress bars
     run_id: str = field(default_factory=pio.unique_suffix)
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -221,13 +230,14 @@ class _Stages:
     texts: bool
     label: Any  # LabelSpec or None
     vocabulary: dict | None  # caption vocabulary, or None when captions are off
+    heads: list = field(default_factory=list)  # pipelines.curation.heads.HeadSpec of each heads: item
 
     @property
     def caption(self) -> bool:
         return self.vocabulary is not None
 
 
-def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
     """The steps in the order the data meets them; every job-level check comes before compute."""
     from pipelines.etl.embed import actor_threads
     from pipelines.etl.lease import LeaseHeldError, OutputLease
@@ -236,11 +246,12 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
 
     t_start = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
-    run = _Run(cfg, job, log, cfg.s3_options())
+    run = _Run(cfg, job, log, cfg.s3_options(), progress)
     if not cfg.input.path:
         raise ConfigError("config key 'input.path' is required (the manifest Parquet file, folder, glob or s3:// URI)")
     with run.timed("manifest_s"):
         manifest, shards = _read_manifest(run)
+    heads = _load_heads(run, manifest)
     try:
         lease = OutputLease(run.out, run.s3, timeout_s=cfg.output.lease_timeout_s, run_id=run.run_id).acquire()
     except LeaseHeldError as e:
@@ -259,9 +270,14 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
                                   run.decode_in_actors)
             with run.timed("model_check_s"):
                 resolved, encoder = _resolve_model(run, gpus)
-            with run.timed("id_check_s"):
-                _check_ids(run, manifest, shards)
-            stages = _stage_specs(run, manifest)
+            _check_head_dims(run, heads, encoder)
+            if shards is None:  # webdataset: Ray tasks count the tars' samples and check their keys
+                with run.timed("tar_index_s"):
+                    manifest, shards = _index_tars(run, manifest)
+            else:
+                with run.timed("id_check_s"):
+                    _check_ids(run, manifest, shards)
+            stages = replace(_stage_specs(run, manifest), heads=heads)
             if cfg.output.overwrite:
                 _discard_output(run)
             _check_plan(run, manifest, shards, resolved, stages)
@@ -281,6 +297,8 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             model_info = {**_model_info(encoder), **resolved.to_dict(), "actor_cpu": resolved.cpu,
                           "num_threads": actor_threads(run.cpus.actor) if gpus == 0 else None}
             index_summary = _index_step(run, need_index, counts, model_info)
+            dedup_summary = _dedup_step(run, counts)
+            filter_summary = _filter_step(run, bool(committed))
         # the record and _SUCCESS are written while the lease is held: no other run can interleave
         run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         record = {
@@ -288,23 +306,99 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None]) -> 
             "finished_at": datetime.now(timezone.utc).isoformat(), "config": cfg.to_dict(redact=True),
             "versions": versions(), "model": model_info,
             "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
-                       "caption": stages.caption, "index": cfg.index.enabled},
-            "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "notes": run.notes,
+                       "caption": stages.caption, "index": cfg.index.enabled,
+                       "clip_score": stages.images and stages.texts, "heads": [h.name for h in heads]},
+            "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "dedup": dedup_summary,
+            "filter": filter_summary, "notes": run.notes,
             "s3_requests": {"driver": pio.s3_requests_since(run.driver_s3_before), "workers": dict(run.s3_requests)},
             "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
         }
         pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
+        report = write_run_report(run.out, run.s3, run.log)
         pio.write_bytes_atomic(run.path(SUCCESS_FILE), b"", run.s3)
         log(f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
             f"{run.timings['total_s']:.1f}s -> {run.out}")
+        log(summary_table(record, report))
     return record
 
 
+def write_run_report(out: str, s3: pio.S3Options, log: Callable[[str], None]) -> str | None:
+    """``OUTPUT/report.html``; a finished job never fails for its report, it warns instead."""
+    from pipelines.report import write_report
+
+    try:
+        return write_report(out, s3)
+    except Exception as e:
+        log(f"[clip-etl] warning: the run report could not be written: {_first_line(e)}")
+        return None
+
+
+def _load_heads(run: _Run, manifest) -> list:
+    """Step 1b: a filter needs clip_score; every ``heads:`` file is read on the driver (its arrays
+    go to the actors), its input present and its column name free: all before the lease and Ray."""
+    from pipelines.curation.heads import HeadError, load_head
+    from pipelines.etl.write import result_schema
+
+    if run.cfg.filter.enabled and not (manifest.image_column and manifest.text_column):
+        raise JobError("filter.min_clip_score / filter.top_fraction need clip_score, which needs both an image "
+                       "and a text column; the manifest has only one")
+    if not run.cfg.heads:
+        return []
+    taken = set(result_schema(manifest, 1, images=True, texts=True, label=True, caption=True).names)
+    has = {"image_embedding": manifest.image_column is not None, "text_embedding": manifest.text_column is not None}
+    heads = []
+    for i, h in enumerate(run.cfg.heads):
+        if h.name in taken:
+            raise JobError(f"heads[{i}].name: {h.name!r} is already a results column; name the head otherwise")
+        if not has[h.input]:
+            raise JobError(f"heads[{i}] {h.name!r} reads {h.input}, but the manifest has no "
+                           f"{'image' if h.input == 'image_embedding' else 'text'} column")
+        try:
+            heads.append(load_head(h, run.s3))
+        except (HeadError, OSError) as e:
+            raise JobError(f"heads[{i}] {h.name!r}: {e}") from e
+    return heads
+
+
+def _check_head_dims(run: _Run, heads: list, encoder: Any) -> None:
+    """Each head's input dimension against the model's, on the driver before any work."""
+    dim = int(encoder.embed_dim)
+    for h in heads:
+        if h.in_dim != dim:
+            raise JobError(f"head {h.name!r} ({h.source}) takes {h.in_dim}-dim input but model "
+                           f"{run.cfg.model.checkpoint!r} gives {dim}-dim embeddings")
+
+
+def _filter_step(run: _Run, results_changed: bool) -> dict | None:
+    """Step 9: ``OUTPUT/filter/`` from the committed results, when a filter is set. A global
+    decision, so it is redone whole each run; with no filter set, a filter folder that the new
+    shards of this run made stale is removed."""
+    from pipelines.curation.filter import run_filter
+
+    f = run.cfg.filter
+    if not f.enabled:
+        if results_changed and pio.exists(run.path(FILTER_DIR), run.s3):
+            pio.remove_tree(run.path(FILTER_DIR), run.s3)
+            run.notes.append("removed OUTPUT/filter/: it did not cover this run's new shards")
+        return None
+    with run.timed("filter_s"):
+        return run_filter(run.path(RESULTS_DIR), run.path(FILTER_DIR), f.min_clip_score, f.top_fraction,
+                          run.s3, run.tmp_prefix, run.log)
+
+
 def _read_manifest(run: _Run):
-    """Step 1: the manifest's files and columns (footers only) and the shard plan."""
+    """Step 1: the manifest's files and columns (footers only) and the shard plan; for tar shards
+    the files only (the plan needs their samples counted: :func:`_index_tars`, once Ray is up)."""
     from pipelines.etl.read import ManifestError, build_manifest, plan_shards
+    from pipelines.etl.webdataset import tar_manifest
 
     cfg = run.cfg
+    if cfg.input.format == "webdataset":
+        try:
+            return tar_manifest(cfg.input.path, passthrough=cfg.output.passthrough, embed_images=cfg.embed.images,
+                                embed_texts=cfg.embed.texts, s3=run.s3), None
+        except ManifestError as e:
+            raise JobError(str(e)) from e
     try:
         manifest = build_manifest(
             cfg.input.path, id_column=cfg.input.id_column, image_column=cfg.input.image_column,
@@ -327,6 +421,18 @@ def _resolve_model(run: _Run, gpus: float):
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise JobError(f"cannot resolve model {run.cfg.model.checkpoint!r} for the actors: {msg}") from e
+
+
+def _index_tars(run: _Run, manifest):
+    """Step 3 for tar shards: their samples counted and keys checked in Ray tasks, and the plan."""
+    from pipelines.etl.read import ManifestError
+    from pipelines.etl.webdataset import index_tars
+
+    try:
+        return index_tars(manifest, max_rows=run.cfg.input.max_rows, check_ids=run.cfg.input.check_unique_ids,
+                          s3=run.s3)
+    except ManifestError as e:
+        raise JobError(str(e)) from e
 
 
 def _check_ids(run: _Run, manifest, shards) -> None:
@@ -369,6 +475,11 @@ def _check_plan(run: _Run, manifest, shards, resolved, stages: _Stages) -> None:
                    "truncate_text": cfg.decode.truncate_text,
                    **({"allowed_roots": list(_allowed_roots(cfg.input.allowed_roots))} if cfg.input.allowed_roots else {})},
     }
+    # added only when present, so outputs without them keep the plan they were started with
+    if stages.images and stages.texts:
+        settings["clip_score"] = True
+    if stages.heads:
+        settings["heads"] = [h.plan_settings() for h in stages.heads]
     plan = plan_to_dict(manifest, shards, cfg.output.shard_size, cfg.input.max_rows, settings)
     plan_path = run.path(PLAN_FILE)
     try:
@@ -399,7 +510,7 @@ def _discard_output(run: _Run) -> None:
 
     for name in (SUCCESS_FILE, RUN_FILE, PLAN_FILE):
         pio.remove(run.path(name), run.s3)
-    for name in (RESULTS_DIR, PIECES_DIR, INDEX_DIR):
+    for name in (RESULTS_DIR, PIECES_DIR, INDEX_DIR, FILTER_DIR, DEDUP_DIR):
         pio.remove_tree(run.path(name), run.s3)
     run.log(f"[clip-etl] output.overwrite: discarded the earlier results, index and plan in {run.out}")
 
@@ -424,24 +535,28 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     """Step 6: read -> decode -> embed -> write pieces on the cluster; the driver commits shards
     from the pieces' metadata. Returns (counts per committed shard, Ray facts for the record)."""
     import ray
+    from ray.data import DataContext
 
     from pipelines.etl.commit import ModelMismatchError, ShardCommitter
     from pipelines.etl.decode import DECODE_ENV, block_rows, decode_dataset
-    from pipelines.etl.embed import ModelSpec, StageSpec, actor_threads, embed_dataset
+    from pipelines.etl.embed import ModelSpec, StageSpec, actor_threads, embed_dataset, resolve_batch_size
     from pipelines.etl.read import read_dataset
     from pipelines.etl.write import PIECES_DIR, PieceWriter, result_schema, write_pieces
 
     cfg = run.cfg
     schema = result_schema(manifest, int(encoder.embed_dim), images=stages.images, texts=stages.texts,
-                           label=stages.label is not None, caption=stages.caption)
+                           label=stages.label is not None, caption=stages.caption,
+                           heads=[h.field() for h in stages.heads])
     model = ModelSpec(cfg.model.checkpoint, resolved.backend, resolved.precision, device=resolved.device,
                       num_threads=actor_threads(run.cpus.actor) if gpus == 0 else None, s3=run.s3)
     stage_spec = StageSpec(images=stages.images, texts=stages.texts, label=stages.label,
-                           caption=stages.caption, caption_vocabulary=stages.vocabulary)
+                           caption=stages.caption, caption_vocabulary=stages.vocabulary, heads=stages.heads)
     # bytes images are read with their shard: a smaller read would re-read the shard's row groups
     rows = None if manifest.image_is_bytes else block_rows(int(encoder.image_size) if stages.images else None,
                                                            cfg.decode.batch_size)
     retries = cfg.ray.max_retries
+    embed_batch = resolve_batch_size(cfg.embed.batch_size, stages.images)
+    DataContext.get_current().enable_progress_bars = run.progress  # quiet in CI and with --quiet
     ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows,
                       max_retries=retries)
     decode = _decode_options(run, manifest, encoder)
@@ -450,7 +565,7 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     else:
         ds = decode_dataset(ds, decode, batch_size=cfg.decode.batch_size, num_cpus=run.cpus.decode,
                             concurrency=cfg.decode.concurrency, max_retries=retries)
-    ds = embed_dataset(ds, model, stage_spec, actors=cfg.embed.actors, batch_size=cfg.embed.batch_size,
+    ds = embed_dataset(ds, model, stage_spec, actors=cfg.embed.actors, batch_size=embed_batch,
                        num_cpus=run.cpus.actor, num_gpus=gpus, decode=decode if run.decode_in_actors else None,
                        max_retries=retries)
     pieces_dir = run.path(PIECES_DIR)
@@ -476,7 +591,7 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     if run.timings["process_s"] > 0:
         run.timings["rows_per_s"] = round(committer.rows_written / run.timings["process_s"], 2)
     run.s3_requests.update(committer.s3_requests)
-    info = {"pieces": committer.pieces_seen, "pieces_per_node": dict(committer.nodes),
+    info = {"embed_batch_size": embed_batch, "pieces": committer.pieces_seen, "pieces_per_node": dict(committer.nodes),
             "actor_models": [json.loads(m) for m in sorted(committer.encoders)], "dataset_stats": _stats(ds)}
     return committer.committed, info
 
@@ -517,6 +632,7 @@ def _stats(ds) -> str | None:
 def _counts(run: _Run, shards, done: dict, committed: dict, resolved) -> dict[str, Any]:
     """Step 7: the counts of every part, from its footer or its commit: the data is not re-read."""
     from pipelines.etl.commit import encoder_identity
+    from pipelines.etl.write import top_counts
 
     parts = {**done, **committed}
     causes: Counter = Counter()
@@ -533,6 +649,8 @@ def _counts(run: _Run, shards, done: dict, committed: dict, resolved) -> dict[st
               "shards_this_run": len(committed), "rows_this_run": sum(c["rows"] for c in committed.values())}
     if counts["rows_out"] != planned:
         raise JobError(f"results hold {counts['rows_out']} rows but the manifest plan has {planned}")
+    if parts and all("labels" in c for c in parts.values()):  # parts of older runs may lack them
+        counts["labels"] = top_counts(sum((Counter(c["labels"]) for c in parts.values()), Counter()), RUN_LABELS)
     return counts
 
 
@@ -545,6 +663,43 @@ def _index_step(run: _Run, need_index: bool, counts: dict, model_info: dict) -> 
         with run.timed("index_s"):
             return _build_index(run.cfg, run.path(RESULTS_DIR), run.path(INDEX_DIR), run.s3, model_info, run.log)
     return {"skipped": "index is up to date"} if run.cfg.index.enabled else None
+
+
+def _dedup_step(run: _Run, counts: dict) -> dict | None:
+    """Step 8b (``clip-etl run`` with ``dedup.enabled``): semantic dedup of the committed results,
+    unless ``OUTPUT/dedup/`` is complete, made with the same settings, and no row came in since."""
+    from pipelines.curation.dedup import DedupError, dedup_results, is_current
+
+    cfg = run.cfg
+    if not (cfg.dedup.enabled and run.job == "run"):
+        return None
+    if counts["rows_out"] == 0:
+        run.notes.append("dedup skipped: the results are empty")
+        return {"skipped": "the results are empty"}
+    if not counts["rows_this_run"] and is_current(run.out, cfg.dedup, run.s3):
+        return {"skipped": "dedup is up to date"}
+    with run.timed("dedup_s"):
+        try:
+            return dedup_results(run.out, cfg.dedup, s3=run.s3, ray_config=cfg.ray, log=run.log)
+        except DedupError as e:
+            raise JobError(f"dedup failed: {e}") from e
+
+
+def run_dedup_only(cfg: PipelineConfig, *, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """``clip-etl dedup OUTPUT``: write ``OUTPUT/dedup/`` from the existing ``OUTPUT/results/``."""
+    from pipelines.curation.dedup import DedupError, dedup_results
+
+    s3 = cfg.s3_options()
+    results_dir = pio.join(cfg.output.path, RESULTS_DIR)
+    if not _has_parts(results_dir, s3):
+        raise JobError(f"no results to deduplicate under {results_dir}; run `clip-etl run` or `clip-etl embed` first")
+    if not pio.exists(pio.join(cfg.output.path, SUCCESS_FILE), s3):
+        log(f"[clip-etl] warning: {cfg.output.path} has no _SUCCESS; deduplicating the committed part(s) there")
+    try:
+        summary = dedup_results(cfg.output.path, cfg.dedup, s3=s3, ray_config=cfg.ray, log=log)
+    except DedupError as e:
+        raise JobError(str(e)) from e
+    return {"job": "dedup", "status": "succeeded", "dedup": summary}
 
 
 def _has_parts(results_dir: str, s3: pio.S3Options) -> bool:
@@ -619,7 +774,9 @@ def run_index_only(cfg: PipelineConfig, *, log: Callable[[str], None] = _log) ->
     t0 = time.perf_counter()
     summary = _build_index(cfg, results_dir, pio.join(out, INDEX_DIR), s3, model_info, log)
     log(f"[clip-etl] index built in {time.perf_counter() - t0:.1f}s -> {pio.join(out, INDEX_DIR)}")
+    if model_info is not None:  # the output's report shows the new index
+        write_run_report(out, s3, log)
     return {"job": "index", "status": "succeeded", "index": summary}
 
 
-__all__ = ["JobError", "run_job", "run_index_only", "versions"]
+__all__ = ["JobError", "run_job", "run_dedup_only", "run_index_only", "versions"]

@@ -37,6 +37,9 @@ from pipelines import storage as pio
 SHARD_COL = "__shard"
 FILE_COL = "__file"
 ROW_COL = "__row"
+# A row error found while reading ("<input>.<cause>: <detail>", e.g. a tar member cut short);
+# the decode stage adds it to the row's image or text error.
+READ_ERROR_COL = "__read_error"
 INTERNAL_PREFIX = "__"
 
 # Columns the results own; a manifest column with one of these names cannot pass through.
@@ -69,6 +72,7 @@ class ManifestFile:
     etag: str | None = None  # S3 ETag, when there is one
     row_groups: list[int] = field(default_factory=list)  # rows per row group
     columns: list[str] = field(default_factory=list)  # column names of this file
+    fingerprint: str | None = None  # a tar: hash of its sample keys, to notice a changed tar on resume
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Manifest:
     text_column: str | None  # None when the manifest has no text column (or texts are off)
     image_is_bytes: bool  # the image column holds encoded bytes rather than paths
     passthrough: list[str]  # manifest columns copied to the results
+    format: str = "parquet"  # "webdataset": the files are tar shards (pipelines.etl.webdataset)
 
     @property
     def total_rows(self) -> int:
@@ -142,7 +147,9 @@ def expand_inputs(paths: str | list[str], s3: pio.S3Options | None = None) -> li
     return out
 
 
-def _relative_names(paths: list[str]) -> list[str]:
+def relative_names(paths: list[str]) -> list[str]:
+    """Each path relative to the common folder of all (its base name when there is one): the
+    part of an id or plan entry that stays the same for a copy of the inputs elsewhere."""
     keys = [pio.strip_scheme(p).replace(os.sep, "/") for p in paths]
     if len(keys) == 1:
         return [posixpath.basename(keys[0])]
@@ -154,7 +161,7 @@ def inspect_files(
     paths: list[str], s3: pio.S3Options | None = None, threads: int = 16
 ) -> list[tuple[ManifestFile, pa.Schema]]:
     """Footers and sizes of all manifest files, read concurrently (S3 latency)."""
-    rels = _relative_names(paths)
+    rels = relative_names(paths)
 
     def one(i: int) -> tuple[ManifestFile, pa.Schema]:
         path = paths[i]
@@ -235,22 +242,30 @@ def build_manifest(
         if not (_is_string(t) or pa.types.is_integer(t) or _is_binary(t)):
             raise ManifestError(f"id column {id_col!r} must be a string or integer column, not {t}")
 
+    keep = passthrough_columns(schema.names, id_col, image if image_is_bytes else None, passthrough)
+    return Manifest(files, schema, id_col, image, text, image_is_bytes, keep)
+
+
+def passthrough_columns(names: list[str], id_column: str | None, bytes_image: str | None,
+                        passthrough: list[str] | None) -> list[str]:
+    """The manifest columns copied to the results: ``output.passthrough``, or (None) every column
+    but the id and a bytes image column; raises when one is unknown or clashes with a result column."""
     if passthrough is None:
-        keep = [n for n in schema.names if n != id_col and not (n == image and image_is_bytes)]
+        keep = [n for n in names if n != id_column and n != bytes_image]
     else:
         unknown = [c for c in passthrough if c not in names]
         if unknown:
             raise ManifestError(
-                f"output.passthrough names unknown column(s) {unknown}; manifest columns: {', '.join(schema.names)}"
+                f"output.passthrough names unknown column(s) {unknown}; manifest columns: {', '.join(names)}"
             )
-        keep = [n for n in schema.names if n in set(passthrough) and n != id_col]
+        keep = [n for n in names if n in set(passthrough) and n != id_column]
     clash = [n for n in keep if n in RESULT_COLUMNS or n.startswith(INTERNAL_PREFIX)]
     if clash:
         raise ManifestError(
             f"manifest column(s) {clash} clash with result columns; rename them or leave them out "
             "with output.passthrough"
         )
-    return Manifest(files, schema, id_col, image, text, image_is_bytes, keep)
+    return keep
 
 
 def plan_shards(files: list[ManifestFile], shard_size: int, max_rows: int | None = None) -> list[Shard]:
@@ -278,14 +293,19 @@ def _hash_ids(file: ManifestFile, stop: int, column: str, buckets: int, s3: pio.
     ids = pio.read_parquet_rows(file.path, 0, stop, [column], s3, file.row_groups).column(column).combine_chunks()
     nulls = ids.null_count
     ids = ids.drop_null()
-    from pandas.util import hash_array  # vectorized and the same in every process (unlike hash())
-
     try:
         ids.validate(full=True)  # Parquet does not check that strings are UTF-8; other writers may not either
     except pa.ArrowInvalid as e:
         raise ManifestError(f"id column {column!r} of {file.path} holds an id that is not valid UTF-8 ({e})") from None
+    return (nulls, *hash_buckets(ids, buckets))
+
+
+def hash_buckets(ids: pa.Array, buckets: int = ID_BUCKETS) -> tuple[pa.Array, ...]:
+    """``ids`` split into ``buckets`` parts by a hash of each id: equal ids land in the same part."""
+    from pandas.util import hash_array  # vectorized and the same in every process (unlike hash())
+
     part = hash_array(ids.to_numpy(zero_copy_only=False)) % buckets
-    return (nulls, *(ids.filter(pa.array(part == b)) for b in range(buckets)))
+    return tuple(ids.filter(pa.array(part == b)) for b in range(buckets))
 
 
 def _duplicates_in_bucket(*arrays: pa.Array) -> tuple[int, list]:
@@ -299,7 +319,7 @@ def _duplicates_in_bucket(*arrays: pa.Array) -> tuple[int, list]:
     return len(repeated), repeated.field("values").to_pylist()[:5]
 
 
-def _get(refs: list) -> list:
+def ray_get(refs: list) -> list:
     """``ray.get``, with a task's :class:`ManifestError` raised as itself (its one-line message)."""
     import ray
 
@@ -325,17 +345,25 @@ def check_ids(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | None 
     for s in shards:
         stops[s.file] = max(stops.get(s.file, 0), s.stop)
     hash_task = ray.remote(num_returns=ID_BUCKETS + 1, max_retries=3)(_hash_ids)
-    check_task = ray.remote(max_retries=3)(_duplicates_in_bucket)
     parts = [hash_task.remote(manifest.files[fi], stop, manifest.id_column, ID_BUCKETS, s3)
              for fi, stop in sorted(stops.items())]
-    nulls = sum(_get([p[0] for p in parts]))
+    nulls = sum(ray_get([p[0] for p in parts]))
     col = manifest.id_column
     if nulls:
         raise ManifestError(f"id column {col!r} has {nulls} null value(s); every row needs an id")
-    found = _get([check_task.remote(*(p[b + 1] for p in parts)) for b in range(ID_BUCKETS)])
-    if sum(n for n, _ in found):
-        dupes = [v for _, ex in found for v in ex][:5]
+    dupes = duplicate_ids([p[1:] for p in parts])
+    if dupes:
         raise ManifestError(f"id column {col!r} has duplicate values, e.g. {dupes}")
+
+
+def duplicate_ids(buckets_per_file: list) -> list:
+    """A few ids that occur more than once (none: ``[]``), from each file's :func:`hash_buckets`
+    as Ray object refs: one check task per bucket, so the ids stay on the cluster."""
+    import ray
+
+    check_task = ray.remote(max_retries=3)(_duplicates_in_bucket)
+    found = ray_get([check_task.remote(*(parts[b] for parts in buckets_per_file)) for b in range(ID_BUCKETS)])
+    return [v for n, ex in found if n for v in ex][:5]
 
 
 def plan_to_dict(manifest: Manifest, shards: list[Shard], shard_size: int, max_rows: int | None,
@@ -343,8 +371,10 @@ def plan_to_dict(manifest: Manifest, shards: list[Shard], shard_size: int, max_r
     """The JSON form of ``OUTPUT/_plan.json``: identical inputs and settings give identical dicts."""
     return {
         "version": 1,
+        "format": manifest.format,
         "inputs": [
-            {"path": f.path, "rel": f.rel, "num_rows": f.num_rows, "size": f.size, "etag": f.etag}
+            {"path": f.path, "rel": f.rel, "num_rows": f.num_rows, "size": f.size, "etag": f.etag,
+             **({"fingerprint": f.fingerprint} if f.fingerprint else {})}
             for f in manifest.files
         ],
         "shard_size": shard_size,
@@ -357,8 +387,9 @@ def plan_to_dict(manifest: Manifest, shards: list[Shard], shard_size: int, max_r
 
 def _comparable(plan: dict) -> dict:
     """A plan without the absolute input paths: the same manifest reached through another path
-    (a ``ray job submit`` working dir, a re-mounted volume) is still the same input."""
-    out = dict(plan)
+    (a ``ray job submit`` working dir, a re-mounted volume) is still the same input. A plan
+    written before ``input.format`` existed is a Parquet plan."""
+    out = {"format": "parquet", **plan}
     out["inputs"] = [{k: v for k, v in i.items() if k != "path"} for i in plan.get("inputs", [])]
     return out
 
@@ -368,6 +399,8 @@ def diff_plans(old: dict, new: dict) -> str | None:
     old, new = _comparable(old), _comparable(new)
     if old == new:
         return None
+    if old["format"] != new["format"]:
+        return f"input.format changed ({old['format']} -> {new['format']})"
     if old.get("inputs") != new.get("inputs"):
         a = {i["rel"]: i for i in old.get("inputs", [])}
         b = {i["rel"]: i for i in new.get("inputs", [])}
@@ -375,7 +408,7 @@ def diff_plans(old: dict, new: dict) -> str | None:
             return "the set of manifest files changed"
         for p in b:
             if a[p] != b[p]:
-                return f"manifest {p} changed (rows/size/etag differ)"
+                return f"manifest {p} changed (rows/size/etag/keys differ)"
         return "the manifest files changed"
     for key, name in (("shard_size", "output.shard_size"), ("max_rows", "input.max_rows")):
         if old.get(key) != new.get(key):
@@ -467,7 +500,7 @@ class ManifestDatasource(Datasource):
     def blocks(self) -> list[Shard]:
         """The row ranges read tasks read: each shard cut into ``block_rows`` pieces (same index)."""
         step = self._block_rows
-        if not step:
+        if not step or self._manifest.format == "webdataset":  # a tar is read from its start: one task
             return self._shards
         return [Shard(s.index, s.file, lo, min(lo + step, s.stop)) for s in self._shards
                 for lo in range(s.start, s.stop, step)]
@@ -497,9 +530,15 @@ class ManifestDatasource(Datasource):
                 input_files=[file.path],
                 exec_stats=None,
             )
-            tasks.append(ReadTask(_ShardReader(shard, file, self._columns, self._manifest.schema,
-                                               self._manifest.id_column, self._s3), meta))
+            tasks.append(ReadTask(self._reader(shard, file), meta))
         return tasks
+
+    def _reader(self, shard: Shard, file: ManifestFile):
+        if self._manifest.format == "webdataset":
+            from pipelines.etl.webdataset import TarShardReader
+
+            return TarShardReader(shard, file, self._columns, self._s3)
+        return _ShardReader(shard, file, self._columns, self._manifest.schema, self._manifest.id_column, self._s3)
 
 
 class _ShardReader:
@@ -563,6 +602,7 @@ __all__ = [
     "ManifestDatasource",
     "ManifestError",
     "ManifestFile",
+    "READ_ERROR_COL",
     "RESULT_COLUMNS",
     "ROW_COL",
     "SHARD_COL",
@@ -572,10 +612,15 @@ __all__ = [
     "check_ids",
     "derive_ids",
     "diff_plans",
+    "duplicate_ids",
     "expand_inputs",
+    "hash_buckets",
     "inspect_files",
+    "passthrough_columns",
     "plan_shards",
     "plan_to_dict",
+    "ray_get",
     "read_dataset",
     "read_shard",
+    "relative_names",
 ]

@@ -26,14 +26,14 @@ import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import storage as pio
-from pipelines.etl.embed import ACTOR_INFO_COL
+from pipelines.etl.embed import ACTOR_INFO_COL, CLIP_SCORE_FIELD
 from pipelines.etl.label import CAPTION_FIELDS, LABEL_FIELDS
 from pipelines.etl.read import ROW_COL, SHARD_COL, Manifest, Shard
 
@@ -41,6 +41,8 @@ PIECES_DIR = "_pieces"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 CAUSE_RE = re.compile(r"(?:^|; )((?:image|text|row)\.[a-z0-9_]+):")
 FOOTER_KEY = b"clip_etl"  # Parquet key-value metadata of a part: its counts and encoder
+PART_LABELS = 100  # labels counted by name per part (the rest as OTHER_LABELS): footers stay small
+OTHER_LABELS = "(other)"
 
 # One metadata row per written piece: all the driver learns about the rows.
 PIECE_SCHEMA = pa.schema([
@@ -66,8 +68,10 @@ def result_schema(
     texts: bool,
     label: bool,
     caption: bool,
+    heads: Sequence[pa.Field] = (),
 ) -> pa.Schema:
-    """The results' Arrow schema: id, passthrough columns, then the stage outputs."""
+    """The results' Arrow schema: id, passthrough columns, then the stage outputs: embeddings,
+    labels, caption, ``clip_score`` (when both images and texts are embedded), one column per head."""
     id_type = manifest.schema.field(manifest.id_column).type if manifest.id_column else pa.string()
     if pa.types.is_dictionary(id_type):
         id_type = id_type.value_type
@@ -85,6 +89,9 @@ def result_schema(
         fields.extend(LABEL_FIELDS)
     if caption:
         fields.extend(CAPTION_FIELDS)
+    if images and texts:
+        fields.append(CLIP_SCORE_FIELD)
+    fields.extend(heads)
     fields += [pa.field("status", pa.string(), nullable=False), pa.field("error", pa.string())]
     return pa.schema(fields)
 
@@ -194,8 +201,29 @@ def count_rows(table: pa.Table) -> dict[str, Any]:
     errors = table.column("error")
     for msg in errors.filter(pc.is_valid(errors)).to_pylist():
         causes.update(CAUSE_RE.findall(msg))
-    return {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok,
-            "errors_by_cause": dict(sorted(causes.items()))}
+    counts = {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok,
+              "errors_by_cause": dict(sorted(causes.items()))}
+    if "label" in table.column_names:
+        counts["labels"] = label_counts(table.column("label"), PART_LABELS)
+    return counts
+
+
+def label_counts(labels: pa.ChunkedArray | pa.Array, top: int) -> dict[str, int]:
+    """Rows per predicted label (nulls, the failed rows, not counted), the ``top`` most common
+    by name and the rest summed as :data:`OTHER_LABELS`, so a thousand-class run stays small."""
+    counts = Counter({d["values"]: d["counts"] for d in pc.value_counts(labels.drop_null()).to_pylist()})
+    return top_counts(counts, top)
+
+
+def top_counts(counts: Counter, top: int) -> dict[str, int]:
+    """The ``top`` largest entries of ``counts`` (ties by name) plus :data:`OTHER_LABELS` for the rest."""
+    other = counts.get(OTHER_LABELS, 0)
+    ranked = sorted(((k, v) for k, v in counts.items() if k != OTHER_LABELS), key=lambda kv: (-kv[1], kv[0]))
+    out = dict(ranked[:top])
+    other += sum(v for _, v in ranked[top:])
+    if other:
+        out[OTHER_LABELS] = other
+    return out
 
 
 def assemble_part(tables: list[pa.Table], shard: Shard, schema: pa.Schema) -> pa.Table:
