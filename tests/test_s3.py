@@ -88,7 +88,8 @@ def test_s3_manifest_images_and_output(ray_local, bucket, tiny_checkpoint, tiny_
     assert rc == 0
     client = bucket["client"]
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="results", Prefix="job/")["Contents"])
-    assert keys == ["job/_SUCCESS", "job/_plan.json", "job/_run.json", "job/results/part-00000.parquet",
+    assert keys == ["job/_SUCCESS", "job/_plan.json", "job/_run.json", "job/report.html",
+                    "job/results/part-00000.parquet",
                     "job/results/part-00001.parquet", "job/results/part-00002.parquet"]
     parts = [s3_read_parquet(client, "results", k) for k in keys if k.endswith(".parquet")]
     table = pa.concat_tables(parts)
