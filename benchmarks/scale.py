@@ -383,6 +383,16 @@ def run_size_retrying(n: int, work: Path, checkpoint: str, images: list[str], ar
     raise SystemExit(f"[scale] N={n}: failed {len(failures)} time(s); giving up")
 
 
+def job_env(ray_tmp: Path) -> dict[str, str]:
+    """The environment of a benchmarked job: its own embedded Ray, never another local cluster's
+    (``RAY_ADDRESS``, ``ray_current_cluster``), and this checkout's code first on the path."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def run_size(n: int, work: Path, checkpoint: str, images: list[str], args) -> dict:
     run_dir = work / f"n{n}"
     if run_dir.exists():
@@ -403,10 +413,7 @@ def run_size(n: int, work: Path, checkpoint: str, images: list[str], args) -> di
         *args.override,
     ]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_driver", str(record_path), "--", "run", *overrides]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # always the job's own embedded Ray
-    env["RAY_TMPDIR"] = str(ray_tmp)  # ... and never another local cluster's (ray_current_cluster)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = job_env(ray_tmp)
     print(f"[scale] N={n:,}: {' '.join(cmd[:2])} --_driver ... -- run {' '.join(overrides)}", flush=True)
     load_before = os.getloadavg()
     try:

@@ -133,9 +133,7 @@ def run_job(n: int, work: Path, checkpoint: str, images: list[str], args) -> dic
     overrides = [f"input.path={manifest}", f"output.path={out}", f"output.shard_size={args.shard_size}",
                  "index.enabled=false", f"model.checkpoint={checkpoint}", "model.backend=torch",
                  "model.precision=fp32", *args.override]
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)  # always the job's own embedded Ray
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    env = scale.job_env(ray_tmp)
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "--quiet", *overrides]
     print(f"[soak] N={n:,}: clip-etl run {' '.join(overrides)}", flush=True)
     t0 = time.perf_counter()

@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 JOB_HELP = {
     "run": "the whole pipeline: manifest -> embeddings, labels, captions -> Parquet results -> index",
@@ -48,6 +51,32 @@ def _error(message: str, code: int) -> int:
     if os.environ.get("CLIP_ETL_DEBUG"):
         traceback.print_exc()
     return code
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a job unwinds like an interrupt.
+
+    ``ray job stop``, Airflow's ``on_kill`` and a pod's shutdown all send SIGTERM. Python's default
+    for it ends the process on the spot, leaving the output lease held until it expires
+    (``output.lease_timeout_s``), so the retry that follows would wait for it; unwound, the run
+    releases its lease and stops its embedded Ray, and the retry resumes at once.
+    """
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,7 +156,10 @@ def _run_job(args: argparse.Namespace) -> int:
     except ImportError as e:
         return _error(f"cannot import the pipeline: {e}", 1)
     try:
-        run_job(cfg, args.job, progress=not (args.quiet or not sys.stderr.isatty()))
+        with _sigterm_unwinds():
+            run_job(cfg, args.job, progress=not (args.quiet or not sys.stderr.isatty()))
+    except Terminated:
+        return _error("terminated (SIGTERM); committed shards are kept and a re-run resumes", 143)
     except ConfigError as e:
         return _error(e, 2)
     except JobError as e:

@@ -582,12 +582,24 @@ def from_dict(data: dict) -> PipelineConfig:
 
 def validate(cfg: PipelineConfig) -> None:
     """Value checks that types alone cannot express; each error names its key."""
-    if cfg.model.backend not in BACKENDS:
-        raise ConfigError(f"config key 'model.backend' must be one of {', '.join(BACKENDS)}; got {cfg.model.backend!r}")
-    if cfg.model.precision not in PRECISIONS:
-        raise ConfigError(
-            f"config key 'model.precision' must be one of {', '.join(PRECISIONS)}; got {cfg.model.precision!r}"
-        )
+    _validate_counts(cfg)
+    _validate_input(cfg.input)
+    _validate_model(cfg.model)
+    _validate_resources(cfg)
+    _validate_index(cfg.index)
+    if not (cfg.embed.images or cfg.embed.texts):
+        raise ConfigError("config keys 'embed.images' and 'embed.texts' are both false: nothing to do")
+    if not cfg.output.path:
+        raise ConfigError("config key 'output.path' must not be empty")
+    if cfg.output.lease_timeout_s <= 0:
+        raise ConfigError(f"config key 'output.lease_timeout_s' must be > 0, got {cfg.output.lease_timeout_s}")
+    _validate_dedup(cfg.dedup)
+    _validate_filter(cfg.filter)
+    _validate_heads(cfg.heads)
+
+
+def _validate_counts(cfg: PipelineConfig) -> None:
+    """Counts that must be at least 1 (some may also be null)."""
     positive = {
         "output.shard_size": cfg.output.shard_size,
         "decode.batch_size": cfg.decode.batch_size,
@@ -614,15 +626,37 @@ def validate(cfg: PipelineConfig) -> None:
     }.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1 or null, got {value}")
-    _validate_dedup(cfg.dedup)
-    if cfg.output.lease_timeout_s <= 0:
-        raise ConfigError(f"config key 'output.lease_timeout_s' must be > 0, got {cfg.output.lease_timeout_s}")
+
+
+def _validate_input(inp: InputConfig) -> None:
+    if inp.allowed_roots is not None and not all(isinstance(r, str) and r for r in inp.allowed_roots):
+        raise ConfigError("config key 'input.allowed_roots' must be a list of folders or s3:// prefixes, or null")
+    if inp.format not in INPUT_FORMATS:
+        raise ConfigError(f"config key 'input.format' must be one of {', '.join(INPUT_FORMATS)}; got {inp.format!r}")
+    if isinstance(inp.path, list) and not inp.path:
+        raise ConfigError("config key 'input.path' is an empty list")
+    cols = {"input.id_column": inp.id_column, "input.image_column": inp.image_column,
+            "input.text_column": inp.text_column}
+    for key, value in cols.items():
+        if not value:
+            raise ConfigError(f"config key {key!r} must not be empty")
+    if len(set(cols.values())) != len(cols):
+        raise ConfigError("config keys 'input.id_column', 'input.image_column' and 'input.text_column' must differ")
+
+
+def _validate_model(model: ModelConfig) -> None:
+    if model.backend not in BACKENDS:
+        raise ConfigError(f"config key 'model.backend' must be one of {', '.join(BACKENDS)}; got {model.backend!r}")
+    if model.precision not in PRECISIONS:
+        raise ConfigError(
+            f"config key 'model.precision' must be one of {', '.join(PRECISIONS)}; got {model.precision!r}"
+        )
+
+
+def _validate_resources(cfg: PipelineConfig) -> None:
+    """Placement, batch sizes, CPU/GPU reservations and time limits of the decode and embed stages."""
     if cfg.decode.timeout_s is not None and cfg.decode.timeout_s <= 0:
         raise ConfigError(f"config key 'decode.timeout_s' must be > 0 or null, got {cfg.decode.timeout_s}")
-    if cfg.input.allowed_roots is not None and not all(isinstance(r, str) and r for r in cfg.input.allowed_roots):
-        raise ConfigError("config key 'input.allowed_roots' must be a list of folders or s3:// prefixes, or null")
-    if cfg.input.format not in INPUT_FORMATS:
-        raise ConfigError(f"config key 'input.format' must be one of {', '.join(INPUT_FORMATS)}; got {cfg.input.format!r}")
     if cfg.decode.placement not in ("auto", "tasks", "actors"):
         raise ConfigError(f"config key 'decode.placement' must be auto, tasks or actors; got {cfg.decode.placement!r}")
     if isinstance(cfg.embed.batch_size, str) and cfg.embed.batch_size != "auto":
@@ -636,33 +670,21 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"config key {key!r} must be 'auto' or a number, got {value!r}")
         if not isinstance(value, str) and (value < 0 or (value == 0 and least == "> 0")):
             raise ConfigError(f"config key {key!r} must be {least}, got {value}")
-    if not 0.0 < cfg.index.target_recall <= 1.0:
-        raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
-    if cfg.index.memory_budget_gb <= 0:
-        raise ConfigError(f"config key 'index.memory_budget_gb' must be > 0, got {cfg.index.memory_budget_gb}")
-    if cfg.index.tuning_queries is not None and not str(cfg.index.tuning_queries).endswith((".parquet", ".npy")):
+
+
+def _validate_index(index: IndexConfig) -> None:
+    if not 0.0 < index.target_recall <= 1.0:
+        raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {index.target_recall}")
+    if index.memory_budget_gb <= 0:
+        raise ConfigError(f"config key 'index.memory_budget_gb' must be > 0, got {index.memory_budget_gb}")
+    if index.tuning_queries is not None and not str(index.tuning_queries).endswith((".parquet", ".npy")):
         raise ConfigError("config key 'index.tuning_queries' must be a .parquet or .npy file or null, "
-                          f"got {cfg.index.tuning_queries!r}")
-    if cfg.index.embedding_column not in ("image_embedding", "text_embedding"):
+                          f"got {index.tuning_queries!r}")
+    if index.embedding_column not in ("image_embedding", "text_embedding"):
         raise ConfigError(
             "config key 'index.embedding_column' must be image_embedding or text_embedding, "
-            f"got {cfg.index.embedding_column!r}"
+            f"got {index.embedding_column!r}"
         )
-    if not (cfg.embed.images or cfg.embed.texts):
-        raise ConfigError("config keys 'embed.images' and 'embed.texts' are both false: nothing to do")
-    if isinstance(cfg.input.path, list) and not cfg.input.path:
-        raise ConfigError("config key 'input.path' is an empty list")
-    cols = {"input.id_column": cfg.input.id_column, "input.image_column": cfg.input.image_column,
-            "input.text_column": cfg.input.text_column}
-    for key, value in cols.items():
-        if not value:
-            raise ConfigError(f"config key {key!r} must not be empty")
-    if len(set(cols.values())) != len(cols):
-        raise ConfigError("config keys 'input.id_column', 'input.image_column' and 'input.text_column' must differ")
-    if not cfg.output.path:
-        raise ConfigError("config key 'output.path' must not be empty")
-    _validate_filter(cfg.filter)
-    _validate_heads(cfg.heads)
 
 
 def _validate_filter(f: FilterConfig) -> None:

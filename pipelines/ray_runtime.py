@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -41,6 +43,21 @@ def _describe(mode: str, address: str | None) -> RaySession:
 
 
 @contextmanager
+def _keeps_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` puts its crash reporter on SIGTERM (it prints a stack and aborts the process);
+    a Python handler the caller had set (``clip-etl run`` unwinds on SIGTERM) is put back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[RaySession]:
     """Initialize Ray for the job and undo exactly what was done on exit."""
     import ray
@@ -50,7 +67,8 @@ def ray_session(cfg: RayConfig) -> Iterator[RaySession]:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        with _keeps_sigterm_handler():
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         try:
             yield _describe("cluster", address)
         finally:
@@ -64,7 +82,8 @@ def ray_session(cfg: RayConfig) -> Iterator[RaySession]:
     }
     if cfg.object_store_mb:
         kwargs["object_store_memory"] = int(cfg.object_store_mb) * 1024 * 1024
-    ray.init(**kwargs)
+    with _keeps_sigterm_handler():
+        ray.init(**kwargs)
     try:
         yield _describe("embedded", None)
     finally:

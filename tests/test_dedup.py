@@ -196,8 +196,12 @@ def test_dedup_job_blocked_unjudged_and_rerun(ray_local, tmp_path):
     assert sorted(p.name for p in (tmp_path / DEDUP_DIR).iterdir()) == sorted(
         [SUMMARY_FILE] + [f"part-{i:05d}.parquet" for i in range(len(list((tmp_path / DEDUP_DIR).glob("part-*"))))])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(WORK_PREFIX) or ".old-" in p.name]
+    # the same decisions; similarities to float32 rounding, as OpenBLAS's sums depend on its thread count
     dedup_results(str(tmp_path), settings, log=lambda m: None)
-    assert read_dedup(tmp_path).equals(table)
+    again = read_dedup(tmp_path)
+    assert again.drop_columns(["max_similarity"]).equals(table.drop_columns(["max_similarity"]))
+    np.testing.assert_allclose(np.array(again.column("max_similarity").to_pylist(), dtype=float),
+                               np.array(table.column("max_similarity").to_pylist(), dtype=float), atol=1e-6)
 
 
 @pytest.mark.e2e

@@ -223,3 +223,27 @@ def test_a_model_actor_that_keeps_dying_fails_the_job_clearly(slow_manifest, tin
     lines = [ln for ln in err.splitlines() if ln.startswith("clip-etl: error:")]
     assert len(lines) == 1 and "kept dying" in lines[0] and "ray.max_retries" in lines[0], err[-3000:]
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_sigterm_unwinds_the_run_and_releases_the_lease(slow_manifest, tiny_checkpoint, tmp_path):
+    """``ray job stop`` / Airflow's on_kill send SIGTERM: the run ends with 143, keeps what it
+    committed and releases its output lease, so a retry need not wait for the lease to expire."""
+    out = tmp_path / "out"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([CLIP_ETL, *_args(slow_manifest, out, tiny_checkpoint)], stdout=log,
+                                stderr=subprocess.STDOUT, env=cli_env(), cwd=str(REPO), start_new_session=True)
+        try:
+            started = wait_for(lambda: len(_parts(out)) >= 1 or proc.poll() is not None, timeout=400, interval=0.02)
+            finished_early = proc.poll() is not None
+            assert (out / "_lease.json").exists()
+            os.kill(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            kill_group(proc)
+    text = log_path.read_text()
+    assert started and not finished_early, text[-3000:]
+    assert rc == 143, text[-3000:]
+    assert "terminated (SIGTERM)" in text
+    assert not (out / "_lease.json").exists()
+    assert not (out / "_SUCCESS").exists() and len(_parts(out)) >= 1

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -38,6 +39,7 @@ from pipelines.demo.sample_data import main as sample_main
 from pipelines.train.job import add_train_arguments, run_train
 
 ASSETS = Path(__file__).resolve().parents[1] / "clip_core" / "assets"
+INDEPENDENT_RENDERER_FLOOR = 0.90  # the product's target for a renderer the demo model never saw
 DEMO_MODEL = ASSETS / "demo-model.safetensors"
 DEMO_PROMPTS = ASSETS / "demo_prompts.json"
 
@@ -227,6 +229,64 @@ def test_synthetic_groups_share_color_and_background_but_not_shape():
         SyntheticPairs(64, image_transform(32), group_size=0)
 
 
+def test_synthetic_variety_draws_other_renderings_of_the_same_shape():
+    from pipelines.train.synthetic_pairs import SyntheticPairs
+
+    plain = SyntheticPairs(60, image_transform(32), seed=2, context_length=32)
+    varied = SyntheticPairs(60, image_transform(32), seed=2, context_length=32, variety=1.0)
+    again = SyntheticPairs(60, image_transform(32), seed=2, context_length=32, variety=1.0)
+    sizes = {varied.example(i)[0].size for i in range(60)}
+    assert {plain.example(i)[0].size for i in range(60)} == {(96, 96)}
+    assert len(sizes) > 20 and min(sizes)[0] >= 48 and max(sizes)[0] <= 224  # other image sizes
+    assert torch.equal(varied[3][0], again[3][0])  # still a pure function of the index
+    for i in range(60):  # the caption and the class stay the item's own
+        assert varied.example(i)[2] == plain.example(i)[2]
+    with pytest.raises(ValueError):
+        SyntheticPairs(60, image_transform(32), variety=1.5)
+
+
+def test_draw_outline_and_aliased_edges():
+    from pipelines.demo.sample_data import ShapeSpec, draw
+
+    spec = ShapeSpec("circle", "red", "light", "plain", "large", "center", (0.5, 0.5), 0.35, 0.0)
+
+    def red_share(img) -> float:
+        a = np.asarray(img, dtype=np.int16)
+        return float(((a[..., 0] - a[..., 1]) > 100).mean())
+
+    filled = draw(spec, 96, np.random.default_rng(0))
+    outline = draw(spec, 96, np.random.default_rng(0), outline=0.15)
+    assert 0.05 < red_share(outline) < 0.5 * red_share(filled)
+    aliased = np.asarray(draw(spec, 96, np.random.default_rng(0), supersample=1), dtype=np.int16)
+    smooth = np.asarray(filled, dtype=np.int16)
+    # edge pixels between the two colors: a few where each is covered or not, many where anti-aliased
+    partial = lambda a: int((((a[..., 0] - a[..., 1]) > 40) & ((a[..., 0] - a[..., 1]) < 160)).sum())
+    assert partial(aliased) < partial(smooth)
+
+
+def test_demo_model_labels_shapes_from_an_independent_renderer():
+    """The bundled model on a renderer that shares no code with its training data (tests/independent_shapes.py).
+
+    12 classes (red, green, blue, yellow x circle, square, triangle; "green triangle" is a pair
+    never trained on), 12-way zero-shot: the shipped model measures 95.6% here (83.3% before it
+    was trained on varied renderings); see the model card.
+    """
+    from independent_shapes import CLASSES, labelled_images
+
+    model = load_model(DEMO_MODEL).eval()
+    transform = image_transform(model.image_size)
+    templates = json.loads(DEMO_PROMPTS.read_text())["templates"]
+    items = labelled_images(15, seed=2026)
+    with torch.no_grad():
+        tokens = tokenize([t.format(c) for c in CLASSES for t in templates], context_length=model.context_length)
+        text = F.normalize(model.encode_text(tokens), dim=-1).view(len(CLASSES), len(templates), -1)
+        class_emb = F.normalize(text.mean(dim=1), dim=-1)
+        pixels = torch.stack([transform(img) for img, _ in items])
+        pred = (F.normalize(model.encode_image(pixels), dim=-1) @ class_emb.t()).argmax(dim=-1)
+    accuracy = sum(CLASSES[int(p)] == label for p, (_, label) in zip(pred, items)) / len(items)
+    assert accuracy >= INDEPENDENT_RENDERER_FLOOR, accuracy
+
+
 def test_pca_patch_init_whitens_the_patch_embedding(sample64):
     rows = _rows(sample64)
     pixels = torch.stack([image_transform(32)(load_image(str(sample64.parent / r["image"]))) for r in rows])
@@ -356,8 +416,8 @@ def test_run_train_with_two_ray_train_workers(sample64, tmp_path):
 def test_committed_demo_model_reaches_its_zero_shot_bound(tmp_path):
     """The bundled model, on images it never saw (a fresh seed), incl. shape-color pairs never trained on.
 
-    The product's target is 90% on both splits; the shipped model measures 97.3% / 94.7% here
-    (99.0% / 89.2% on 500 + 500 images of the same seed; see clip_core/assets/DEMO_MODEL_CARD.md).
+    The product's target is 90% on both splits; the shipped model measures 100% / 88.0% here
+    (99.0% / 86.4% on 500 + 500 images of the same seed; see clip_core/assets/DEMO_MODEL_CARD.md).
     The floors sit a few images below the measured figures (75 images per split), far above the
     1.9% chance level: they catch a worse model as well as a broken loader, tokenizer or preprocessing.
     """

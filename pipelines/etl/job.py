@@ -296,30 +296,41 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None], pro
             counts = _counts(run, shards, done, committed, resolved)
             model_info = {**_model_info(encoder), **resolved.to_dict(), "actor_cpu": resolved.cpu,
                           "num_threads": actor_threads(run.cpus.actor) if gpus == 0 else None}
-            index_summary = _index_step(run, need_index, counts, model_info)
-            dedup_summary = _dedup_step(run, counts)
-            filter_summary = _filter_step(run, bool(committed))
+            steps = {"index": _index_step(run, need_index, counts, model_info), "dedup": _dedup_step(run, counts),
+                     "filter": _filter_step(run, bool(committed))}
         # the record and _SUCCESS are written while the lease is held: no other run can interleave
         run.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-        record = {
-            "job": job, "status": "succeeded", "run_id": run.run_id, "started_at": started_at,
-            "finished_at": datetime.now(timezone.utc).isoformat(), "config": cfg.to_dict(redact=True),
-            "versions": versions(), "model": model_info,
-            "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
-                       "caption": stages.caption, "index": cfg.index.enabled,
-                       "clip_score": stages.images and stages.texts, "heads": [h.name for h in heads]},
-            "counts": counts, "timings": run.timings, "ray": ray_info, "index": index_summary, "dedup": dedup_summary,
-            "filter": filter_summary, "notes": run.notes,
-            "s3_requests": {"driver": pio.s3_requests_since(run.driver_s3_before), "workers": dict(run.s3_requests)},
-            "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
-        }
-        pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
-        report = write_run_report(run.out, run.s3, run.log)
-        pio.write_bytes_atomic(run.path(SUCCESS_FILE), b"", run.s3)
-        log(f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
-            f"{run.timings['total_s']:.1f}s -> {run.out}")
-        log(summary_table(record, report))
+        record = _run_record(run, started_at, model_info, stages, counts, ray_info, steps)
+        _publish(run, record)
     return record
+
+
+def _run_record(run: _Run, started_at: str, model_info: dict, stages: _Stages, counts: dict, ray_info: dict,
+                steps: dict[str, Any]) -> dict[str, Any]:
+    """``_run.json``: what ran, on what, with which counts, timings and step summaries (config redacted)."""
+    cfg = run.cfg
+    return {
+        "job": run.job, "status": "succeeded", "run_id": run.run_id, "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(), "config": cfg.to_dict(redact=True),
+        "versions": versions(), "model": model_info,
+        "stages": {"images": stages.images, "texts": stages.texts, "label": stages.label is not None,
+                   "caption": stages.caption, "index": cfg.index.enabled,
+                   "clip_score": stages.images and stages.texts, "heads": [h.name for h in stages.heads]},
+        "counts": counts, "timings": run.timings, "ray": ray_info, **steps, "notes": run.notes,
+        "s3_requests": {"driver": pio.s3_requests_since(run.driver_s3_before), "workers": dict(run.s3_requests)},
+        "output": {"results": run.path(RESULTS_DIR), "index": run.path(INDEX_DIR) if cfg.index.enabled else None},
+    }
+
+
+def _publish(run: _Run, record: dict[str, Any]) -> None:
+    """Write the run record, the report page, then ``_SUCCESS`` (last: it says the rest is complete)."""
+    pio.write_json_atomic(run.path(RUN_FILE), record, run.s3)
+    report = write_run_report(run.out, run.s3, run.log)
+    pio.write_bytes_atomic(run.path(SUCCESS_FILE), b"", run.s3)
+    counts = record["counts"]
+    run.log(f"[clip-etl] done: {counts['rows_out']} rows ({counts['ok']} ok, {counts['error']} error) in "
+            f"{run.timings['total_s']:.1f}s -> {run.out}")
+    run.log(summary_table(record, report))
 
 
 def write_run_report(out: str, s3: pio.S3Options, log: Callable[[str], None]) -> str | None:

@@ -78,6 +78,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--synthetic-group", type=int, default=8, metavar="G",
                    help="with --synthetic-pairs: groups of G consecutive pairs share a color and background "
                         "(hard negatives in every batch; 1 = independent pairs)")
+    p.add_argument("--synthetic-variety", type=float, default=0.0, metavar="P",
+                   help="with --synthetic-pairs: share of pairs drawn as another renderer might (other sizes, "
+                        "edges, outlines, blur, tone, JPEG quality), so the model learns shapes, not one renderer")
     p.add_argument("--pca-patch-init", action="store_true",
                    help="start the patch embedding from whitened PCA of training patches (fresh presets only)")
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
@@ -230,23 +233,28 @@ def make_eval_fn(model, eval_sets: dict[str, tuple[list[Any], list[str]]], promp
     return eval_fn
 
 
-def make_dataset(model, data: TrainData, augment: bool, synthetic_pairs: int = 0, seed: int = 0,
-                 synthetic_group: int = 1):
-    """The manifest's pairs, or ``synthetic_pairs`` freshly generated ones (no crop: every image is new)."""
+def synthetic_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``SyntheticPairs`` keyword arguments from the ``--synthetic-*`` flags; None without them."""
+    if not args.synthetic_pairs:
+        return None
+    return {"length": args.synthetic_pairs, "group_size": args.synthetic_group, "variety": args.synthetic_variety}
+
+
+def make_dataset(model, data: TrainData, augment: bool, synthetic: dict[str, Any] | None = None, seed: int = 0):
+    """The manifest's pairs, or freshly generated ones (``synthetic_options``; no crop: every image is new)."""
     from clip_core.preprocess import image_transform
     from clip_core.train import PairsDataset
 
     transform = image_transform(model.image_size)
-    if synthetic_pairs:
+    if synthetic:
         from pipelines.train.synthetic_pairs import SyntheticPairs
 
-        return SyntheticPairs(synthetic_pairs, transform, seed=seed, context_length=model.context_length,
-                              group_size=synthetic_group)
+        return SyntheticPairs(transform=transform, seed=seed, context_length=model.context_length, **synthetic)
     return PairsDataset(data.images, data.captions, transform, context_length=model.context_length, augment=augment)
 
 
 def _fit_local(model, data: TrainData, cfg, augment: bool, prompts, out: str | None = None,
-               save_dtype: str = "float32", synthetic_pairs: int = 0, synthetic_group: int = 1) -> dict[str, Any]:
+               save_dtype: str = "float32", synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from clip_core.checkpoints import save_model
@@ -256,7 +264,7 @@ def _fit_local(model, data: TrainData, cfg, augment: bool, prompts, out: str | N
         save_model(m, out, dtype=getattr(torch, save_dtype))
         print(f"step {step}: saved {out}", flush=True)
 
-    dataset = make_dataset(model, data, augment, synthetic_pairs, cfg.seed, synthetic_group)
+    dataset = make_dataset(model, data, augment, synthetic, cfg.seed)
     return train(model, dataset, cfg, eval_fn=make_eval_fn(model, data.eval_sets, prompts),
                  checkpoint_fn=checkpoint if out else None)
 
@@ -284,8 +292,7 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(1)  # Ray gives each worker one CPU; more threads only contend
     model = build_model(config["model"], cfg.seed)
     data: TrainData = config["data"]
-    dataset = make_dataset(model, data, config["augment"], config["synthetic_pairs"], cfg.seed,
-                           config["synthetic_group"])
+    dataset = make_dataset(model, data, config["augment"], config["synthetic"], cfg.seed)
     rank = ray.train.get_context().get_world_rank()
     eval_fn = make_eval_fn(model, data.eval_sets, config["prompts"]) if rank == 0 else None
     history = train(model, dataset, cfg, eval_fn=eval_fn, log_fn=_stdout_line)
@@ -315,7 +322,7 @@ def _fit_ray(args: argparse.Namespace, data: TrainData, cfg, prompts):
             _ray_train_loop,
             train_loop_config={"train_config": cfg.to_dict(), "model": args.model, "data": data,
                                "augment": not args.no_augment, "prompts": prompts,
-                               "synthetic_pairs": args.synthetic_pairs, "synthetic_group": args.synthetic_group},
+                               "synthetic": synthetic_options(args)},
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False, resources_per_worker={"CPU": 1}),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(name="clip-etl-train", storage_path=storage),
@@ -360,7 +367,7 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             model = build_model(args.model, cfg.seed)
             history = _fit_local(model, data, cfg, not args.no_augment, prompts, args.out, args.save_dtype,
-                                 args.synthetic_pairs, args.synthetic_group)
+                                 synthetic_options(args))
         save_model(model, args.out, dtype=getattr(torch, args.save_dtype))
     except Exception as e:  # a job-level failure: one clear line, non-zero exit
         print(f"clip-etl train: error: {type(e).__name__}: {e}", file=sys.stderr)
