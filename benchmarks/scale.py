@@ -393,6 +393,27 @@ def job_env(ray_tmp: Path) -> dict[str, str]:
     return env
 
 
+def run_sampled(cmd: list[str], log_path: Path, ray_tmp: Path, make_sampler, wait):
+    """Run the job ``cmd`` (output to ``log_path``, its own Ray under ``ray_tmp``) with the sampler
+    thread ``make_sampler(pid)`` on it; returns ``(wait(proc), sampler)``. A job still running
+    when waiting ends (timeout, Ctrl-C) is killed, and its Ray folder is removed either way."""
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=str(REPO), env=job_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT)
+            sampler = make_sampler(proc.pid)
+            sampler.start()
+            try:
+                return wait(proc), sampler
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                sampler.stop()
+                sampler.join()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def run_size(n: int, work: Path, checkpoint: str, images: list[str], args) -> dict:
     run_dir = work / f"n{n}"
     if run_dir.exists():
@@ -413,27 +434,15 @@ def run_size(n: int, work: Path, checkpoint: str, images: list[str], args) -> di
         *args.override,
     ]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_driver", str(record_path), "--", "run", *overrides]
-    env = job_env(ray_tmp)
     print(f"[scale] N={n:,}: {' '.join(cmd[:2])} --_driver ... -- run {' '.join(overrides)}", flush=True)
     load_before = os.getloadavg()
-    try:
-        with open(log_path, "w") as log:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-            sampler = ProcSampler(proc.pid)
-            sampler.start()
-            try:
-                exit_cpu = wait_exited(proc, args.timeout)  # own CPU of the exited driver, not yet reaped
-                wall = time.perf_counter() - t0
-                rc = proc.wait() if exit_cpu is not None else "timeout"
-            finally:
-                if proc.poll() is None:  # interrupted: do not leave the job running
-                    proc.kill()
-                    proc.wait()
-                sampler.stop()
-                sampler.join()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+
+    def wait(proc: subprocess.Popen):
+        exit_cpu = wait_exited(proc, args.timeout)  # own CPU of the exited driver, not yet reaped
+        return exit_cpu, time.perf_counter() - t0, (proc.wait() if exit_cpu is not None else "timeout")
+
+    (exit_cpu, wall, rc), sampler = run_sampled(cmd, log_path, ray_tmp, ProcSampler, wait)
     load_after = os.getloadavg()
     if rc != 0 or not record_path.exists():
         lines = log_path.read_text(errors="replace").splitlines()

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -133,25 +132,12 @@ def run_job(n: int, work: Path, checkpoint: str, images: list[str], args) -> dic
     overrides = [f"input.path={manifest}", f"output.path={out}", f"output.shard_size={args.shard_size}",
                  "index.enabled=false", f"model.checkpoint={checkpoint}", "model.backend=torch",
                  "model.precision=fp32", *args.override]
-    env = scale.job_env(ray_tmp)
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "--quiet", *overrides]
     print(f"[soak] N={n:,}: clip-etl run {' '.join(overrides)}", flush=True)
     t0 = time.perf_counter()
-    try:
-        with open(run_dir / "job.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-            sampler = TreeSampler(proc.pid, out / "results", args.shard_size, args.interval)
-            sampler.start()
-            try:
-                rc = proc.wait(timeout=args.timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                sampler.stop()
-                sampler.join()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rc, sampler = scale.run_sampled(cmd, run_dir / "job.log", ray_tmp,
+                                    lambda pid: TreeSampler(pid, out / "results", args.shard_size, args.interval),
+                                    lambda proc: proc.wait(timeout=args.timeout))
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = (run_dir / "job.log").read_text(errors="replace").splitlines()[-15:]
