@@ -20,7 +20,13 @@ What is measured (every figure printed comes from this run; nothing is hard-code
       batch 32, ``torch.set_num_threads(os.cpu_count())``, timed over every manifest row after a
       warm-up batch.
 
-  Printed: images/s of each and the ratios b/a and b/c.
+  (d) a bound no implementation on this CPU can pass: every row costs at least the decode floor
+      (libjpeg at its smallest DCT scale, 1/8, no resize: the entropy decoding that remains at
+      any scale) plus one model forward, both in core-seconds measured on one thread, so
+      ``cores / (floor + forward)`` images/s, start-up left out. Where d/a < 0.8 or d/c < 5, the
+      targets "0.8x the ceiling" and "5x the user's loop" are out of reach of any code here.
+
+  Printed: images/s of each and the ratios b/a, b/c, d/a and d/c.
 
 * Texts: captions of 3 to 30 words drawn from a fixed word list (seeded), manifest ``id``, ``text``.
   (a) ``encode_texts`` on our token ids in batches of 256; (b) ``clip-etl run`` with texts only;
@@ -290,6 +296,41 @@ def ceiling_texts(enc, texts: list[str]) -> dict:
             "tokenize_per_s": len(texts) / tok_s, "threads": enc.num_threads}
 
 
+def decode_floor(paths: list[str]) -> dict:
+    """The least CPU any JPEG decode of these files can cost: libjpeg at its smallest DCT scale
+    (1/8 per side, PIL's ``draft`` asked for the smallest size), no resize, one thread. The
+    Huffman (entropy) decoding of every coefficient remains at any scale, and it is most of a
+    high-quality photo's decode; the job's own draft decode (>= 2x the resolution, then the exact
+    resize) costs more than this."""
+    from PIL import Image
+
+    distinct = list(dict.fromkeys(paths))
+    seconds = {}
+    for p in distinct:
+        t0 = time.process_time()
+        with Image.open(p) as im:
+            im.draft("RGB", (1, 1))
+            im.load()
+        seconds[p] = time.process_time() - t0
+    per_row = sum(seconds[p] for p in paths) / len(paths)
+    return {"core_s_per_image": per_row, "per_s_per_core": 1.0 / per_row, "files": len(distinct)}
+
+
+def reachable_images(model_dir: Path, settings: dict, paths: list[str], rounds: int, cores: int) -> dict:
+    """(d) An upper bound on end-to-end images/s that no implementation on this CPU can pass:
+    every row needs at least the decode floor and one model forward, so on ``cores`` cores it is
+    ``cores / (decode floor + model cost)``, both in core-seconds per image and both measured on
+    one thread (where per-core efficiency is highest), start-up and everything else left out."""
+    enc, _ = load_ours(model_dir, settings, 1)
+    one = ceiling_images(enc, paths, rounds)
+    del enc
+    floor = decode_floor(paths)
+    model_cost = 1.0 / one["per_s"]
+    return {"per_s": cores / (floor["core_s_per_image"] + model_cost), "cores": cores,
+            "model_per_s_one_thread": one["per_s"], "decode_floor": floor,
+            "decode_share": floor["core_s_per_image"] / (floor["core_s_per_image"] + model_cost)}
+
+
 # --------------------------------------------------------------------------------------------
 # (b) the job
 # --------------------------------------------------------------------------------------------
@@ -485,7 +526,14 @@ def print_kind(kind: str, res: dict) -> dict:
     ratios["b_loop/a"] = (res["b"]["loop_per_s"] or 0) / res["a"]["per_s"]
     if "c" in res:
         ratios["b_loop/c"] = (res["b"]["loop_per_s"] or 0) / res["c"]["per_s"]
+    if "d" in res:
+        ratios.update({"d/a": res["d"]["per_s"] / res["a"]["per_s"], "d/c": res["d"]["per_s"] / res["c"]["per_s"]})
     print("  " + "   ".join(f"ratio {k} = {v:.2f}x" for k, v in ratios.items()))
+    if "d" in res:
+        d = res["d"]
+        print(f"  (d: decode floor {d['decode_floor']['core_s_per_image'] * 1e3:.1f} ms/image on one core, "
+              f"the model {1e3 / d['model_per_s_one_thread']:.1f} ms/image on one thread: decoding is "
+              f"{100 * d['decode_share']:.0f}% of the least work per image)")
     print("  (b = clip-etl run start to exit; b_loop = the job's rows/s over its processing loop, from _run.json)")
     print_job_details(res["b"], unit.split("/")[0])
     res["ratios"] = ratios
@@ -528,6 +576,9 @@ def images_part(args, work: Path, model_dir: Path, settings: dict, hf) -> dict:
     res["c"] = user_images(hf[0], model_dir, paths)
     rows.append(("c", f"(c) PIL + {res['c']['processor']} + CLIPModel.get_image_features fp32, "
                       f"{res['c']['threads']} threads, batch 32"))
+    print("[images] (d) decode floor and the model on one thread ...", flush=True)
+    res["d"] = reachable_images(model_dir, settings, paths, args.rounds, os.cpu_count() or 1)
+    rows.append(("d", f"(d) bound for any code on {res['d']['cores']} cores: decode floor + model, no start-up"))
     res["rows"] = rows
     return res
 

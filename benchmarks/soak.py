@@ -16,8 +16,9 @@ RSS, which counts shared pages again in every process, is printed beside it for 
 OS's figures, not Ray's own accounting. Rows over time are the committed part files
 (``OUTPUT/results/part-*.parquet``) times the shard size.
 
-The baseline of each run is itself: the timeline prints memory at 10% of the run against the
-last sample and the peak, and rows/s of the first and last quarters, as ratios; ``--sizes``
+The baseline of each run is itself: while rows flow (from the first committed shard to the last
+sample before the end), the timeline prints memory at the first commit against the last sample
+and the peak, and rows/s of the first and last quarters, as ratios; ``--sizes``
 prints the peak of the largest size over the smallest's (the product's target: < 1.30).
 """
 
@@ -153,30 +154,33 @@ def run_job(n: int, work: Path, checkpoint: str, images: list[str], args) -> dic
             "timeline": sampler.timeline, "timings": record["timings"]}
 
 
-def _at(timeline: list[dict], fraction: float) -> dict:
-    return timeline[min(len(timeline) - 1, int(fraction * len(timeline)))]
-
-
 def print_timeline(r: dict, every: int) -> dict:
-    """The timeline (one line every ``every`` samples) and the run's drift ratios."""
+    """The timeline (one line every ``every`` samples) and the run's drift ratios.
+
+    Drift is measured while rows flow, from the first committed shard to the last sample before
+    the last one: start-up (Ray, the model load) and shutdown are neither growth nor shrinkage."""
     tl = r["timeline"]
     print(f"\n{'elapsed s':>9} | {'rows committed':>14} | {'job PSS MB':>10} | {'sum of RSS MB':>13} | processes")
     for s in tl[::every] + ([tl[-1]] if (len(tl) - 1) % every else []):
         print(f"{s['t']:>9.0f} | {s['rows']:>14,} | {s['pss_mb']:>10.0f} | {s['rss_mb']:>13.0f} | {s['processes']:>9}")
-    early, last = _at(tl, 0.10), tl[-1]
-    q1 = next((s for s in tl if s["rows"] >= r["rows"] / 4), None)
-    q3 = next((s for s in tl if s["rows"] >= 3 * r["rows"] / 4), None)
-    drift = {"pss_at_10pct_mb": early["pss_mb"], "pss_last_mb": last["pss_mb"], "pss_peak_mb": r["peak_pss_mb"],
-             "last_over_10pct": last["pss_mb"] / early["pss_mb"], "peak_over_10pct": r["peak_pss_mb"] / early["pss_mb"]}
-    if q1 and q3 and q1["t"] > 0 and last["t"] > q3["t"]:
-        first_q = q1["rows"] / q1["t"]
+    flowing = [s for s in tl if 0 < s["rows"] < r["rows"]] or tl
+    first, last = flowing[0], flowing[-1]
+    peak = max(s["pss_mb"] for s in flowing)
+    drift = {"pss_first_commit_mb": first["pss_mb"], "pss_last_mb": last["pss_mb"], "pss_peak_flowing_mb": peak,
+             "pss_peak_mb": r["peak_pss_mb"], "last_over_first": last["pss_mb"] / first["pss_mb"],
+             "peak_over_first": peak / first["pss_mb"]}
+    q1 = next((s for s in flowing if s["rows"] - first["rows"] >= (last["rows"] - first["rows"]) / 4), None)
+    q3 = next((s for s in flowing if s["rows"] - first["rows"] >= 3 * (last["rows"] - first["rows"]) / 4), None)
+    if q1 and q3 and q1["t"] > first["t"] and last["t"] > q3["t"]:
+        first_q = (q1["rows"] - first["rows"]) / (q1["t"] - first["t"])
         last_q = (last["rows"] - q3["rows"]) / (last["t"] - q3["t"])
         drift.update(rows_per_s_first_quarter=first_q, rows_per_s_last_quarter=last_q,
                      last_over_first_quarter=last_q / first_q)
-    print(f"\njob PSS: {early['pss_mb']:.0f} MB at 10% of the run, {last['pss_mb']:.0f} MB at the last sample "
-          f"({drift['last_over_10pct']:.2f}x), peak {r['peak_pss_mb']:.0f} MB ({drift['peak_over_10pct']:.2f}x)")
+    print(f"\njob PSS while rows flow: {first['pss_mb']:.0f} MB at the first commit ({first['t']:.0f} s), "
+          f"{last['pss_mb']:.0f} MB at the last sample before the end ({drift['last_over_first']:.2f}x), "
+          f"peak {peak:.0f} MB ({drift['peak_over_first']:.2f}x); peak of the whole run {r['peak_pss_mb']:.0f} MB")
     if "last_over_first_quarter" in drift:
-        print(f"rows/s: first quarter {drift['rows_per_s_first_quarter']:,.0f}, last quarter "
+        print(f"rows/s while rows flow: first quarter {drift['rows_per_s_first_quarter']:,.0f}, last quarter "
               f"{drift['rows_per_s_last_quarter']:,.0f} ({drift['last_over_first_quarter']:.2f}x)")
     print(f"{r['rows']:,} rows in {r['wall_s']:.0f} s: {r['rows_per_s']:,.0f} rows/s start to exit, "
           f"{r['timings'].get('rows_per_s', 0):,.0f} in the processing loop")

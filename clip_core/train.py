@@ -303,8 +303,11 @@ def _log_window(history: dict[str, Any], window: _Window, step: int, total: int,
     }
     for k, v in entry.items():
         history[k].append(v)
-    log(f"step {step}/{total} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
-        f"logit_scale {entry['logit_scale']:.1f} {entry['images_per_s']:.0f} img/s elapsed {now - t_start:.0f}s")
+    elapsed = now - t_start
+    eta = elapsed / max(1, step) * (total - step)  # at the mean pace so far
+    log(f"step {step}/{total} ({100 * step / max(1, total):.0f}%) epoch {epoch} loss {entry['loss']:.4f} "
+        f"lr {entry['lr']:.2e} logit_scale {entry['logit_scale']:.1f} {entry['images_per_s']:.0f} img/s "
+        f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
     window.reset(now)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
@@ -23,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import pydantic
 import yaml
 
 # A job name -> which stages it runs; see :func:`apply_job`.
@@ -369,43 +371,19 @@ def _type_name(tp: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(tp, str(tp))
 
 
+@functools.lru_cache(maxsize=None)
+def _validator(tp: Any) -> pydantic.TypeAdapter:
+    # strict: no coercion a YAML author would not mean ("1" is no integer, true is no 1), except
+    # int -> float, which is lossless
+    return pydantic.TypeAdapter(tp, config=pydantic.ConfigDict(strict=True))
+
+
 def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, value converted where lossless, e.g. int -> float)."""
-    if tp is Any:
-        return True, value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _check_value(value, arg)
-            if ok:
-                return True, v
+    """(ok, the value as ``tp`` holds it, e.g. int -> float), by pydantic's strict validation."""
+    try:
+        return True, _validator(tp).validate_python(value)
+    except pydantic.ValidationError:
         return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        (arg,) = typing.get_args(tp) or (Any,)
-        out = []
-        for item in value:
-            ok, v = _check_value(item, arg)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    return isinstance(value, tp), value
 
 
 def _section_types(cls) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """A fault-injecting HTTP proxy for S3 tests (loopback only): it forwards requests to an upstream
 S3 server (moto) and, for a seeded share of them, answers with the failures real S3 produces
-under load instead: ``503 SlowDown``, ``500 InternalError``, a connection reset, or a slow
-answer (and, on request, ``403 InvalidAccessKeyId``: wrong credentials). Test code, never shipped: it is how the job's S3 retries are proven, not assumed.
+under load instead: ``503 SlowDown``, ``500 InternalError``, a connection reset, a slow answer,
+or a lost answer (and, on request, ``403 InvalidAccessKeyId``: wrong credentials). Test code,
+never shipped: it is how the job's S3 retries are proven, not assumed.
 
 A reset closes the socket with ``SO_LINGER`` 0 (a TCP RST) before anything is forwarded, and
-the error answers come before forwarding too, so a failed request never reached S3; a slow
-answer is forwarded after ``slow_s`` seconds. Requests whose path matches ``spare`` are always
+the error answers come before forwarding too, so those requests never reached S3. A lost answer
+is the other half: the request is forwarded and applied by S3, then the connection is reset
+instead of the answer being sent, so the client retries a request that already took effect (a
+PUT written twice, a DELETE of a deleted key, a conditional PUT that now finds its own object). A
+slow answer is forwarded after ``slow_s`` seconds. Requests whose path matches ``spare`` are always
 forwarded (a test's own setup and checks go around the proxy anyway).
 """
 
@@ -21,7 +25,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("503", "500", "reset", "slow")
+FAULTS = ("503", "500", "reset", "slow", "lost")
 _ERROR_BODY = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -79,9 +83,7 @@ class FaultProxy:
             def _handle(self) -> None:
                 kind = proxy._pick(self.path)
                 if kind == "reset":
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
+                    self._reset()
                     return
                 body = self._body()
                 if kind in _ERROR_BODY:
@@ -96,15 +98,23 @@ class FaultProxy:
                     return
                 if kind == "slow":
                     time.sleep(proxy.slow_s)
-                self._forward(body)
+                self._forward(body, lose_answer=kind == "lost")
 
-            def _forward(self, body: bytes) -> None:
+            def _reset(self) -> None:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+
+            def _forward(self, body: bytes, lose_answer: bool = False) -> None:
                 up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
                     up.request(self.command, self.path, body=body or None, headers=headers)
                     resp = up.getresponse()
                     data = resp.read()
+                    if lose_answer:  # applied upstream; the client never hears of it
+                        self._reset()
+                        return
                     self.send_response(resp.status, resp.reason)
                     head = self.command == "HEAD"  # no body: the upstream's Content-Length stands
                     for k, v in resp.getheaders():

@@ -51,7 +51,7 @@ def test_a_flaky_s3_loses_nothing_and_changes_nothing(ray_local, bucket, tiny_ch
     assert cli.main(_args(bucket["endpoint"], "clean", tiny_checkpoint)) == 0
     with FaultProxy(bucket["endpoint"], rate=0.2, slow_s=0.5, seed=1) as proxy:
         assert cli.main(_args(proxy.url, "flaky", tiny_checkpoint)) == 0
-    assert set(proxy.injected) == {"503", "500", "reset", "slow"}, proxy.injected
+    assert set(proxy.injected) == {"503", "500", "reset", "slow", "lost"}, proxy.injected
     assert sum(proxy.injected.values()) >= 0.1 * proxy.requests, (proxy.injected, proxy.requests)
     clean, flaky = _results(client, "clean"), _results(client, "flaky")
     assert flaky.column("id").to_pylist() == [f"r{i}" for i in range(N)]

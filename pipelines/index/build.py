@@ -116,9 +116,10 @@ READ_BATCH_ROWS = 2048  # small batches: big transient buffers stay resident und
 PARQUET_BUFFER_BYTES = 4 << 20
 GROUND_TRUTH_K = 100
 # Graph construction effort. FAISS's default (40) leaves poorly connected regions in clustered
-# data, which then need a huge efSearch; 80 costs ~1.5x the build time and cut the efSearch
-# needed for recall@10 0.998 by ~30x in our benchmark.
-HNSW_EF_CONSTRUCTION = 80
+# data, which then need a huge efSearch: on 200k clustered vectors and noisy queries, 40 needed
+# efSearch ~3000 for recall@10 0.994, 64 needs 96 (30x the queries/s) for 1.1x the insertion
+# time; 80 gained almost nothing more (0.995 at 64) for another 1.2x (BENCHMARKS.md).
+HNSW_EF_CONSTRUCTION = 64
 MAX_TUNING_QUERIES = 1000
 # Environment hook for tests of resumability: the driver exits abruptly (like a kill) after N
 # shards ("2") or after tuning ("tuned").
