@@ -147,8 +147,9 @@ class DecodeConfig:
 class EmbedConfig:
     """The model actors."""
 
-    # Rows per model call (an integer, so GPU memory use is predictable). "auto": 64 when the run
-    # embeds images, 256 for texts alone (short texts batch well: length buckets trim the padding).
+    # Rows per model call (an integer, so GPU memory use is predictable). "auto": with images 32 on
+    # CPU actors (larger batches outgrow the caches) and 64 on GPU actors; 256 for texts alone
+    # (short texts batch well: length buckets trim the padding).
     batch_size: Union[int, str] = "auto"
     # Number of model actors (each holds one copy of the model).
     actors: int = 1

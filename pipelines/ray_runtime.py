@@ -57,6 +57,15 @@ def _keeps_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, handler)
 
 
+# How long an idle worker process beyond the node's CPU count lives before Ray kills it (Ray's
+# default: 1 s). The job's small tasks (reads, writes, commits) come every few seconds, so with
+# the default each one started a fresh worker, paying ~1 CPU-second of imports: 8 workers for a
+# 512-row job on 2 CPUs, 18% of the machine. Kept for a minute, two workers serve them all
+# (BENCHMARKS.md, "End to end"). A cluster started with `ray start` takes the same setting as
+# --system-config='{"idle_worker_killing_time_threshold_ms": 60000}' (docs/pipeline.md).
+IDLE_WORKER_KEEP_MS = 60_000
+
+
 @contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[RaySession]:
     """Initialize Ray for the job and undo exactly what was done on exit."""
@@ -79,6 +88,7 @@ def ray_session(cfg: RayConfig) -> Iterator[RaySession]:
         "include_dashboard": False,
         "logging_level": logging.WARNING,
         "log_to_driver": True,
+        "_system_config": {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
     }
     if cfg.object_store_mb:
         kwargs["object_store_memory"] = int(cfg.object_store_mb) * 1024 * 1024

@@ -42,6 +42,11 @@ def test_pipeline_benchmark_runs_all_three_sides(tmp_path):
         assert part["a"]["per_s"] > 0 and part["b"]["per_s"] > 0 and part["c"]["per_s"] > 0
         assert part["ratios"]["b/c"] == pytest.approx(part["b"]["per_s"] / part["c"]["per_s"])
     assert "ratio b/c" in proc.stdout
+    # (d): the bound for any code; the job, doing more than decode floor + forward, stays under it
+    bound = doc["images"]["d"]
+    assert 0 < bound["decode_share"] < 1 and bound["decode_floor"]["files"] == 3
+    assert doc["images"]["b"]["loop_per_s"] < bound["per_s"]
+    assert doc["images"]["ratios"]["d/c"] == pytest.approx(bound["per_s"] / doc["images"]["c"]["per_s"])
 
 
 def test_dedup_benchmark_agrees_with_exact_search(tmp_path):

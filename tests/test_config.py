@@ -209,6 +209,6 @@ def test_embed_batch_size_auto_is_larger_for_texts_alone():
     from pipelines.etl.embed import resolve_batch_size
 
     assert load_config(None, []).embed.batch_size == "auto"
-    assert resolve_batch_size("auto", images=True) == 64
+    assert resolve_batch_size("auto", images=True) == 32 and resolve_batch_size("auto", images=True, gpu=True) == 64
     assert resolve_batch_size("auto", images=False) == 256
     assert resolve_batch_size(16, images=False) == 16

@@ -48,3 +48,47 @@ def test_cpu_actors_decode_their_own_batches_by_default():
     assert cpus.actor == pytest.approx(1.8) and actor_threads(cpus.actor) == 2  # no share left to tasks
     cpus = stage_cpus("auto", "auto", 0.0, 1, _session(16), decode_in_actor=True)
     assert cpus.actor == pytest.approx(15.8) and actor_threads(cpus.actor) == 16
+
+
+def _worker_pids_of_spaced_small_tasks(keep_ms: int, monkeypatch) -> set[int]:
+    """An embedded session with a model-sized actor holding most of the CPUs, then small tasks
+    (like the job's reads, writes and commits) every 1.5 s: the worker process each ran in."""
+    import time
+
+    import ray
+
+    from pipelines import ray_runtime
+    from pipelines.config import RayConfig
+
+    def pid() -> int:  # nested, so Ray ships it by value (workers cannot import this module)
+        import os
+
+        return os.getpid()
+
+    class Holder:
+        def pid(self) -> int:
+            return pid()
+
+    monkeypatch.setattr(ray_runtime, "IDLE_WORKER_KEEP_MS", keep_ms)
+    with ray_runtime.ray_session(RayConfig(num_cpus=2)):
+        holder = ray.remote(num_cpus=1.8)(Holder).remote()
+        ray.get(holder.pid.remote())
+        small = ray.remote(num_cpus=0.1)(pid)
+        pids = set()
+        for _ in range(4):
+            pids.add(ray.get(small.remote()))
+            time.sleep(1.5)
+    return pids
+
+
+@pytest.mark.e2e
+def test_the_embedded_ray_keeps_idle_workers_for_the_small_tasks(monkeypatch):
+    """With Ray's default (idle workers beyond the CPU count killed after 1 s) every small task
+    of a job started a fresh worker process, ~1 CPU-second of imports each; kept for a minute,
+    they reuse one. The default's behaviour is checked too, so the test shows the difference."""
+    import ray
+
+    if ray.is_initialized():  # left by another module: this test needs its own embedded Ray
+        ray.shutdown()
+    assert len(_worker_pids_of_spaced_small_tasks(60_000, monkeypatch)) == 1
+    assert len(_worker_pids_of_spaced_small_tasks(1_000, monkeypatch)) >= 3
