@@ -17,7 +17,7 @@ OS's figures, not Ray's own accounting. Rows over time are the committed part fi
 (``OUTPUT/results/part-*.parquet``) times the shard size.
 
 The baseline of each run is itself: while rows flow (from the first committed shard to the last
-sample before the end), the timeline prints memory at the first commit against the last sample
+sample before every row is committed), the timeline prints memory at the first commit against the last sample
 and the peak, and rows/s of the first and last quarters, as ratios; ``--sizes``
 prints the peak of the largest size over the smallest's (the product's target: < 1.30).
 """
@@ -158,7 +158,8 @@ def print_timeline(r: dict, every: int) -> dict:
     """The timeline (one line every ``every`` samples) and the run's drift ratios.
 
     Drift is measured while rows flow, from the first committed shard to the last sample before
-    the last one: start-up (Ray, the model load) and shutdown are neither growth nor shrinkage."""
+    every row is committed: start-up (Ray, the model load) and shutdown are neither growth nor
+    shrinkage."""
     tl = r["timeline"]
     print(f"\n{'elapsed s':>9} | {'rows committed':>14} | {'job PSS MB':>10} | {'sum of RSS MB':>13} | processes")
     for s in tl[::every] + ([tl[-1]] if (len(tl) - 1) % every else []):

@@ -243,7 +243,7 @@ def test_bytes_images_derived_ids_and_text_only_rows(ray_local, tiny_checkpoint,
     assert cosine_rows(np.array(img[:4], np.float32), direct).min() >= 0.9999
     record = json.loads((out / "_run.json").read_text())
     assert record["counts"]["rows_in"] == 5 and record["stages"]["label"] is False
-    assert record["ray"]["embed_batch_size"] == 64  # embed.batch_size=auto with images
+    assert record["ray"]["embed_batch_size"] == 32  # embed.batch_size=auto with images on CPU actors
     plan = json.loads((out / "_plan.json").read_text())
     assert [i["rel"] for i in plan["inputs"]] == ["a.parquet", "b.parquet"]
 
