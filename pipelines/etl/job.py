@@ -568,10 +568,8 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     retries = cfg.ray.max_retries
     embed_batch = resolve_batch_size(cfg.embed.batch_size, stages.images, gpus > 0)
     DataContext.get_current().enable_progress_bars = run.progress  # quiet in CI and with --quiet
-    # reads share the decode tasks' workers when there are decode tasks, else the default pool of
-    # the write and commit tasks: each runtime_env is a pool of worker processes of its own
-    read_env = None if run.decode_in_actors else {"env_vars": DECODE_ENV}
-    ds = read_dataset(manifest, pending, run.s3, runtime_env=read_env, block_rows=rows, max_retries=retries)
+    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows,
+                      max_retries=retries)
     decode = _decode_options(run, manifest, encoder)
     if run.decode_in_actors:
         decode = replace(decode, decode_threads=actor_threads(run.cpus.actor))
