@@ -60,7 +60,7 @@ def _keeps_sigterm_handler() -> Iterator[None]:
 # How long an idle worker process beyond the node's CPU count lives before Ray kills it (Ray's
 # default: 1 s). The job's small tasks (reads, writes, commits) come every few seconds, so with
 # the default each one started a fresh worker, paying ~1 CPU-second of imports: 8 workers for a
-# 512-row job on 2 CPUs, 18% of the machine. Kept for a minute, two workers serve them all
+# 512-row job on 2 CPUs, 18% of the machine. Kept for a minute, a few workers serve them all
 # (BENCHMARKS.md, "End to end"). A cluster started with `ray start` takes the same setting as
 # --system-config='{"idle_worker_killing_time_threshold_ms": 60000}' (docs/pipeline.md).
 IDLE_WORKER_KEEP_MS = 60_000

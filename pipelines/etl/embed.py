@@ -87,7 +87,7 @@ def resolve_batch_size(batch_size: int | str, images: bool, gpu: bool = False) -
     """``embed.batch_size``; ``auto`` is 256 for texts alone: a text batch is sorted into length
     buckets, each trimmed to its longest row, so a larger batch of mixed captions runs on fewer
     padded tokens. With images it is 32 on CPUs, where a ViT-B/32 batch of 64 outgrows the caches
-    and runs 0.8x as fast per image (torch fp32 and bf16; ONNX is flat), and 64 on GPUs
+    and runs 0.8x as fast per image (torch fp32 and bf16 on Zen 5; ONNX is flat), and 64 on GPUs
     (BENCHMARKS.md, "End to end")."""
     if batch_size != "auto":
         return int(batch_size)
