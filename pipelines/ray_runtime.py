@@ -34,6 +34,16 @@ class RaySession:
                 "node_cpus": self.node_cpus}
 
 
+def node_id() -> str:
+    """The Ray node this code runs on (``"local"`` outside Ray: the batch functions called
+    directly), recorded beside what a worker wrote or computed so a run shows where its work ran."""
+    import ray
+
+    if not ray.is_initialized():
+        return "local"
+    return ray.get_runtime_context().get_node_id()
+
+
 def _describe(mode: str, address: str | None) -> RaySession:
     import ray
 
@@ -160,4 +170,4 @@ def stage_cpus(embed_setting: float | str, decode_setting: float | str, gpus: fl
                      min(1.0, max(0.5, decode_share)) if decode_setting == "auto" else float(decode_setting))
 
 
-__all__ = ["RaySession", "StageCpus", "actor_gpus", "decode_in_actors", "ray_session", "stage_cpus"]
+__all__ = ["RaySession", "StageCpus", "actor_gpus", "decode_in_actors", "node_id", "ray_session", "stage_cpus"]

@@ -29,17 +29,22 @@ RAY = str(VENV_BIN / "ray")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    # Token authentication, as Ray enables by default, with a token private to this test.
+    # Token authentication, as Ray enables by default, with a token private to this test. The
+    # head (where the job's driver runs) has one CPU, too few for a model actor, which takes most
+    # of a 2-CPU node: Ray must place the actor on the worker node, so the embeddings are always
+    # computed on another node than the driver's.
     env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    with ray_head(env) as head:
+    with ray_head(env, num_cpus=1) as head:
         head["procs"].append(_start_worker_node(head["gcs"], head["temp_dir"], env, head["address"]))
         yield head
 
 
-def _alive_nodes(address: str, env: dict) -> int:
+def _alive_nodes(address: str, env: dict) -> dict[str, bool]:
+    """``{node_id: is_head_node}`` of the cluster's alive nodes."""
     r = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json", "--filter", "state=ALIVE"],
                        capture_output=True, text=True, env=env, timeout=60)
-    return len(json.loads(r.stdout)) if r.returncode == 0 and r.stdout.strip().startswith("[") else 0
+    ok = r.returncode == 0 and r.stdout.strip().startswith("[")
+    return {n["node_id"]: bool(n["is_head_node"]) for n in json.loads(r.stdout)} if ok else {}
 
 
 def _start_worker_node(gcs: str, temp_dir: str, env: dict, address: str) -> subprocess.Popen:
@@ -52,7 +57,7 @@ def _start_worker_node(gcs: str, temp_dir: str, env: dict, address: str) -> subp
                 f"--{k}={v}" for k, v in ports.items()]
     log = open(os.path.join(temp_dir, "worker.log"), "w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    if not wait_for(lambda: proc.poll() is not None or _alive_nodes(address, env) >= 2, timeout=180, interval=2) \
+    if not wait_for(lambda: proc.poll() is not None or len(_alive_nodes(address, env)) >= 2, timeout=180, interval=2) \
             or proc.poll() is not None:
         log.flush()
         pytest.fail("the worker node did not join:\n" + Path(temp_dir, "worker.log").read_text()[-3000:])
@@ -72,7 +77,8 @@ def test_ray_job_submit_runs_the_pipeline(ray_cluster, tiny_checkpoint, tmp_path
            "--submission-id", submission, "--",
            "clip-etl", "run", "-c", "conf/pipeline.yaml", "input.path=data/manifest.parquet",
            f"output.path={out}", "model.checkpoint=data/tiny.safetensors", "model.precision=fp32",
-           "output.shard_size=4", "embed.batch_size=4", "decode.batch_size=4", "label.classes=[red, blue]", "index.enabled=false"]
+           "output.shard_size=4", "embed.batch_size=4", "decode.batch_size=4", "label.classes=[red, blue]",
+           "index.enabled=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_cluster["env"], timeout=500)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-6000:]
@@ -86,12 +92,20 @@ def test_ray_job_submit_runs_the_pipeline(ray_cluster, tiny_checkpoint, tmp_path
     record = json.loads((out / "_run.json").read_text())
     assert record["ray"]["mode"] == "cluster"  # connected through RAY_ADDRESS, no embedded Ray
     assert record["counts"]["rows_out"] == 24
-    # Workers on both nodes wrote results; each part's footer names the nodes that wrote it.
+    # The model actor ran on the worker node, not beside the driver on the head; the job's record
+    # names the node and the model.
+    nodes = _alive_nodes(ray_cluster["address"], ray_cluster["env"])
+    worker_node = [n for n, head in nodes.items() if not head]
+    actors = record["ray"]["actor_models"]
+    assert len(nodes) == 2 and [m["node"] for m in actors] == worker_node, (nodes, record["ray"])
+    assert actors[0]["fingerprint"] == record["model"]["fingerprint"]
+    # Workers wrote the results (where Ray Data placed the write tasks); each part's footer names
+    # the nodes that wrote it, and the driver's record agrees with the footers.
     writers = set()
     for part in sorted((out / "results").iterdir()):
         footer = json.loads(pq.ParquetFile(part).metadata.metadata[b"clip_etl"])
         writers.update(footer["writer_nodes"])
-    assert len(writers) == 2 and writers == set(record["ray"]["pieces_per_node"]), record["ray"]
+    assert writers and writers <= set(nodes) and writers == set(record["ray"]["pieces_per_node"]), record["ray"]
 
 
 def test_ray_job_submit_failure_is_not_succeeded(ray_cluster, tmp_path):

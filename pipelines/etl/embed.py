@@ -28,11 +28,12 @@ import pyarrow as pa
 from pipelines import storage as pio
 from pipelines.etl.decode import IMAGE_ERROR_COL, PIXELS_COL, TEXT_ERROR_COL, TOKEN_DTYPE, TOKENS_COL
 from pipelines.etl.label import LabelSpec, build_captioner, build_classifier, caption_column, label_columns
+from pipelines.ray_runtime import node_id
 
 NO_INPUT = "row.no_input: row has neither image nor text"
 # Cosine of the row's image and text embeddings (DataComp's CLIP score), where it has both.
 CLIP_SCORE_FIELD = pa.field("clip_score", pa.float32())
-ACTOR_INFO_COL = "__actor_model"  # JSON of the actor's encoder (first row of each batch), for _run.json
+ACTOR_INFO_COL = "__actor_model"  # JSON of the actor's encoder and node (first row of each batch), for _run.json
 
 
 @dataclass
@@ -304,12 +305,12 @@ class EmbedActor:
         t0 = time.perf_counter()
         out = embed_batch(table, self.encoder, self.stages, classifier=self.classifier, captioner=self.captioner)
         out = add_stage_time(out, "embed", time.perf_counter() - t0)
-        # Which model really ran (device and precision resolve per actor): recorded in _run.json.
+        # Which model really ran, and where (device and precision resolve per actor): in _run.json.
         fp = [None] * out.num_rows
         if fp:
             fp[0] = json.dumps({"fingerprint": self.encoder.fingerprint, "device": self.encoder.device,
-                                "precision": self.encoder.precision, "backend": self.encoder.backend},
-                               sort_keys=True)
+                                "precision": self.encoder.precision, "backend": self.encoder.backend,
+                                "node": node_id()}, sort_keys=True)
         return out.append_column(ACTOR_INFO_COL, pa.array(fp, pa.string()))
 
 

@@ -36,6 +36,7 @@ from pipelines import storage as pio
 from pipelines.etl.embed import ACTOR_INFO_COL, CLIP_SCORE_FIELD
 from pipelines.etl.label import CAPTION_FIELDS, LABEL_FIELDS
 from pipelines.etl.read import ROW_COL, SHARD_COL, Manifest, Shard
+from pipelines.ray_runtime import node_id
 
 PIECES_DIR = "_pieces"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -96,14 +97,6 @@ def result_schema(
     return pa.schema(fields)
 
 
-def _node_id() -> str:
-    import ray
-
-    if not ray.is_initialized():  # outside Ray (the batch functions called directly)
-        return "local"
-    return ray.get_runtime_context().get_node_id()
-
-
 def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """``[(i, j)]`` index ranges of sorted ``rows`` whose row numbers are consecutive."""
     if len(rows) == 0:
@@ -133,7 +126,7 @@ class PieceWriter:
         encoders = [v for v in pc.unique(batch.column(ACTOR_INFO_COL)).to_pylist() if v] \
             if ACTOR_INFO_COL in batch.column_names else []
         encoder = encoders[0] if len(encoders) == 1 else json.dumps(encoders)
-        node = _node_id()
+        node = node_id()
         rows = []
         order = pc.sort_indices(batch, [(SHARD_COL, "ascending"), (ROW_COL, "ascending")])
         batch = batch.take(order)
@@ -181,9 +174,9 @@ def valid_utf8(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.1, max_retries: int = 3):
-    """Thin Ray wrapper: the write stage as stateless tasks after the model actors. Ray Data's
-    default placement spreads small tasks over the nodes and keeps large blocks where they are,
-    so each node writes what its actors produced. A write is brief (a few hundred rows of
+    """Thin Ray wrapper: the write stage as stateless tasks after the model actors. Ray Data
+    spreads small tasks over the nodes that have room and keeps blocks over 50 MB beside their
+    data, so writes go wherever CPU is free (``pieces_per_node`` shows where). A write is brief (a few hundred rows of
     embeddings compressed and stored), so it reserves little CPU: the model actors may take the
     rest of a node without leaving the writes unscheduled."""
     return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
@@ -256,7 +249,7 @@ def compact_shard(shard: Shard, pieces: list[str], part_path: str, schema: pa.Sc
     with ThreadPoolExecutor(max_workers=min(8, len(pieces))) as pool:
         tables = list(pool.map(lambda p: pio.read_parquet(p, s3), pieces))
     table = assemble_part(tables, shard, schema)
-    stats = {**count_rows(table), **{k: sorted(set(v)) for k, v in provenance.items()}, "committed_on": _node_id()}
+    stats = {**count_rows(table), **{k: sorted(set(v)) for k, v in provenance.items()}, "committed_on": node_id()}
     meta = {**(schema.metadata or {}), FOOTER_KEY: json.dumps(stats, sort_keys=True).encode()}
     pio.write_parquet_atomic(table.replace_schema_metadata(meta), part_path, s3, tmp_prefix=tmp_prefix)
     pio.remove_tree(pio.join(pieces_dir, f"{shard.index:05d}"), s3)
