@@ -94,7 +94,8 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(xml)))
                     self.end_headers()
-                    self.wfile.write(xml)
+                    if self.command != "HEAD":  # as S3: a HEAD's error has no body, which would
+                        self.wfile.write(xml)  # otherwise be read as the next reply on the connection
                     return
                 if kind == "slow":
                     time.sleep(proxy.slow_s)
