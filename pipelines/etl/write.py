@@ -176,9 +176,9 @@ def valid_utf8(col: pa.ChunkedArray) -> pa.ChunkedArray:
 def write_pieces(ds, writer: PieceWriter, *, num_cpus: float = 0.1, max_retries: int = 3):
     """Thin Ray wrapper: the write stage as stateless tasks after the model actors. Ray Data
     spreads small tasks over the nodes that have room and keeps blocks over 50 MB beside their
-    data, so writes go wherever CPU is free (``pieces_per_node`` shows where). A write is brief (a few hundred rows of
-    embeddings compressed and stored), so it reserves little CPU: the model actors may take the
-    rest of a node without leaving the writes unscheduled."""
+    data, so writes go wherever CPU is free (``pieces_per_node`` shows where). A write is brief
+    (a few hundred rows of embeddings compressed and stored), so it reserves little CPU: the
+    model actors may take the rest of a node without leaving the writes unscheduled."""
     return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
                           zero_copy_batch=True, max_retries=max_retries)
 
