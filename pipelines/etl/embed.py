@@ -295,6 +295,7 @@ class EmbedActor:
         self.captioner = (
             build_captioner(self.encoder, stages.caption_vocabulary) if stages.caption else None
         )
+        self.node = node_id()  # an actor stays on its node: asked once, reported with every batch
         self.setup_seconds = time.perf_counter() - t0
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -310,7 +311,7 @@ class EmbedActor:
         if fp:
             fp[0] = json.dumps({"fingerprint": self.encoder.fingerprint, "device": self.encoder.device,
                                 "precision": self.encoder.precision, "backend": self.encoder.backend,
-                                "node": node_id()}, sort_keys=True)
+                                "node": self.node}, sort_keys=True)
         return out.append_column(ACTOR_INFO_COL, pa.array(fp, pa.string()))
 
 
