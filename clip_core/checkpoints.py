@@ -465,5 +465,5 @@ def model_fingerprint(model: CLIP) -> str:
     h = hashlib.sha256(model.config.to_json().encode())
     for key, value in sorted(model.state_dict().items()):
         h.update(key.encode())
-        h.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(value.detach().cpu().float().contiguous().numpy())  # the buffer, without a copy
     return h.hexdigest()[:16]

@@ -103,6 +103,18 @@ class Transformer(nn.Module):
         return x
 
 
+def _building_on_meta() -> bool:
+    """True inside ``with torch.device("meta")``: a checkpoint load, whose weights replace any init."""
+    return torch.get_default_device().type == "meta"
+
+
+def _scaled_randn(scale: float, *shape: int) -> torch.Tensor:
+    """``scale * randn(shape)``, or an empty tensor on meta, where random init is wasted work."""
+    if _building_on_meta():
+        return torch.empty(*shape)
+    return scale * torch.randn(*shape)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -110,12 +122,12 @@ class VisionTransformer(nn.Module):
         self.image_size = v.image_size
         scale = v.width**-0.5
         self.conv1 = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(v.width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(v.grid_size**2 + 1, v.width))
+        self.class_embedding = nn.Parameter(_scaled_randn(scale, v.width))
+        self.positional_embedding = nn.Parameter(_scaled_randn(scale, v.grid_size**2 + 1, v.width))
         self.ln_pre = LayerNorm(v.width, eps=cfg.layer_norm_eps)
         self.transformer = Transformer(v.width, v.layers, v.heads, v.mlp_ratio, cfg.activation, cfg.layer_norm_eps)
         self.ln_post = LayerNorm(v.width, eps=cfg.layer_norm_eps)
-        self.proj = nn.Parameter(scale * torch.randn(v.width, cfg.embed_dim))
+        self.proj = nn.Parameter(_scaled_randn(scale, v.width, cfg.embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # [B, W, G, G]
@@ -150,13 +162,18 @@ class CLIP(nn.Module):
         self.context_length = t.context_length
         self.eot_token_id = t.eot_token_id
         self.visual = VisionTransformer(cfg)
-        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        on_meta = _building_on_meta()
+        # On meta (a checkpoint load) every init is skipped: it costs time and imports torch._dynamo.
+        self.token_embedding = nn.Embedding(
+            t.vocab_size, t.width, _weight=torch.empty(t.vocab_size, t.width) if on_meta else None
+        )
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, cfg.activation, cfg.layer_norm_eps)
         self.ln_final = LayerNorm(t.width, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
-        self.initialize_parameters()
+        self.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
+        if not on_meta:
+            self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
         """OpenAI's initialisation, so a fresh model trains as theirs did."""

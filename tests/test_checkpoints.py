@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -274,3 +276,24 @@ def test_load_state_is_openai_named(hf_b32_dir):
     assert "visual.transformer.resblocks.11.attn.in_proj_weight" in state
     assert state["visual.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 768, 768)
     assert not any("position_ids" in k for k in state)
+
+
+def test_loading_builds_on_meta_without_initialising(tmp_path):
+    """A checkpoint load skips random init (its weights replace it): no seconds spent on it and no
+    torch._dynamo import (which nn.init pulls in). A fresh model keeps OpenAI's seeded init, pinned
+    by its fingerprint, so the skip cannot change what ``create_model`` builds."""
+    from clip_core.checkpoints import model_fingerprint
+
+    torch.manual_seed(0)
+    model = create_model("tiny-test")
+    assert model_fingerprint(model) == "aec96d6b6845b708"
+    save_model(model, tmp_path / "m.safetensors")
+    probe = (
+        "import sys, torch\n"
+        "from clip_core import load_model\n"
+        "from clip_core.checkpoints import model_fingerprint\n"
+        f"m = load_model({str(tmp_path / 'm.safetensors')!r})\n"
+        "print(model_fingerprint(m), next(m.parameters()).device, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [model_fingerprint(model), "cpu", "False"]

@@ -287,7 +287,6 @@ class EmbedActor:
     def __init__(self, model: ModelSpec, stages: StageSpec, decode: Any = None):
         from pipelines.etl.decode import DecodeFn
 
-        t0 = time.perf_counter()
         self.encoder = load_job_encoder(model)
         self.stages = stages
         self.decode = DecodeFn(decode) if decode is not None else None
@@ -296,7 +295,6 @@ class EmbedActor:
             build_captioner(self.encoder, stages.caption_vocabulary) if stages.caption else None
         )
         self.node = node_id()  # an actor stays on its node: asked once, reported with every batch
-        self.setup_seconds = time.perf_counter() - t0
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from pipelines.etl.read import add_stage_time

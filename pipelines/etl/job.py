@@ -22,10 +22,12 @@ are processed, and ``_SUCCESS`` is written only when every shard is committed.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
 import sys
+import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -49,6 +51,19 @@ RUN_LABELS = 30  # labels named in _run.json's counts (the rest summed as "(othe
 
 class JobError(RuntimeError):
     """A job-level failure: the job stops and the CLI prints this message as one line."""
+
+
+def _import_torch_in_background() -> None:
+    """Import torch (seconds of CPU) in a thread while Ray starts (seconds, mostly spent waiting on
+    its processes), so the model check that follows finds it imported. A failed import is left to
+    that check, which reports it."""
+    def _import() -> None:
+        try:
+            importlib.import_module("torch")
+        except Exception:  # noqa: BLE001 - reported by the model check's own import
+            pass
+
+    threading.Thread(target=_import, name="clip-etl-import-torch", daemon=True).start()
 
 
 def _log(msg: str) -> None:
@@ -261,6 +276,7 @@ def _run_pipeline(cfg: PipelineConfig, job: str, log: Callable[[str], None], pro
     with lease:  # heartbeats until the run ends, then released
         run.lease = lease
         stack = ExitStack()
+        _import_torch_in_background()
         with run.timed("ray_start_s"):
             session = stack.enter_context(ray_session(cfg.ray))
         with stack:
@@ -568,8 +584,10 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     retries = cfg.ray.max_retries
     embed_batch = resolve_batch_size(cfg.embed.batch_size, stages.images, gpus > 0)
     DataContext.get_current().enable_progress_bars = run.progress  # quiet in CI and with --quiet
-    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows,
-                      max_retries=retries)
+    # Reads share the decode tasks' worker pool; with no decode tasks, Ray's default pool (a
+    # runtime_env of their own would start extra worker processes beside the actors).
+    ds = read_dataset(manifest, pending, run.s3, block_rows=rows, max_retries=retries,
+                      runtime_env=None if run.decode_in_actors else {"env_vars": DECODE_ENV})
     decode = _decode_options(run, manifest, encoder)
     if run.decode_in_actors:
         decode = replace(decode, decode_threads=actor_threads(run.cpus.actor))
