@@ -584,10 +584,10 @@ def _process(run: _Run, manifest, shards, pending, encoder, resolved, stages: _S
     retries = cfg.ray.max_retries
     embed_batch = resolve_batch_size(cfg.embed.batch_size, stages.images, gpus > 0)
     DataContext.get_current().enable_progress_bars = run.progress  # quiet in CI and with --quiet
-    # Reads share the decode tasks' worker pool; with no decode tasks, Ray's default pool (a
-    # runtime_env of their own would start extra worker processes beside the actors).
-    ds = read_dataset(manifest, pending, run.s3, block_rows=rows, max_retries=retries,
-                      runtime_env=None if run.decode_in_actors else {"env_vars": DECODE_ENV})
+    # Reads keep the decode tasks' runtime_env even when the actors decode: in the default pool,
+    # on a two-node cluster, every write could land on the head node (BENCHMARKS.md).
+    ds = read_dataset(manifest, pending, run.s3, runtime_env={"env_vars": DECODE_ENV}, block_rows=rows,
+                      max_retries=retries)
     decode = _decode_options(run, manifest, encoder)
     if run.decode_in_actors:
         decode = replace(decode, decode_threads=actor_threads(run.cpus.actor))

@@ -584,8 +584,7 @@ def read_dataset(manifest: Manifest, shards: list[Shard], s3: pio.S3Options | No
     """A Ray Dataset over the pending shards in blocks of at most ``block_rows`` rows (thin wrapper
     over :class:`ManifestDatasource`).
 
-    ``runtime_env`` should match the decode tasks' (None when the actors decode) so reads reuse
-    their pool of workers instead of starting one of their own. A read
+    ``runtime_env`` should match the decode tasks' so both run in the same pool of workers. A read
     task reserves :data:`READ_CPUS`: it reads manifest rows (paths and texts; encoded images only in
     a bytes manifest), I/O more than CPU, so a whole CPU for it would only keep model actors or
     decode tasks from starting.
