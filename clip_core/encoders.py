@@ -8,7 +8,8 @@ fingerprint to record in outputs. Which runtime does the arithmetic is a deploym
 What each backend runs:
 
 - ``torch``: the model itself (the same tower modules that are exported). fp32; bf16 weights on
-  CPUs with native bf16 instructions (``precision="bf16"`` forces it anywhere); fp16 on CUDA.
+  CPUs with native bf16 instructions (``precision="bf16"`` forces it anywhere); int8 image
+  matmuls on AVX512-VNNI CPUs without AMX (``precision="int8"``, :mod:`clip_core.int8`); fp16 on CUDA.
 - ``torchscript``: the traced towers of an export directory, frozen and optimised for the host.
 - ``onnx``: onnxruntime on the exported fp32 graphs (CUDA provider when present, else CPU).
 - ``onnx-int8``: the same with int8-quantized MatMul/Gemm weights.
@@ -52,12 +53,14 @@ __all__ = [
     "EncoderError",
     "available_cpus",
     "cpu_has_native_bf16",
+    "cpu_prefers_int8_images",
     "cpu_info",
     "describe_flags",
     "encoder_for_model",
     "load_encoder",
     "resolve_backend",
     "resolve_num_threads",
+    "retain_freed_memory",
 ]
 
 BACKENDS = ("auto", "torch", "torchscript", "onnx", "onnx-int8")
@@ -109,6 +112,40 @@ def cpu_has_native_bf16() -> bool:
     only where this is true.
     """
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
+
+
+def cpu_prefers_int8_images() -> bool:
+    """True where ``precision="auto"`` runs the image tower in int8 (:mod:`clip_core.int8`): a CPU
+    with int8 and bf16 dot products (AVX512-VNNI, AVX512-BF16) but no AMX.
+
+    There int8 images measured 1.4x the bf16 tower at a mean cosine of 0.99993 to fp32 (AVX512-BF16
+    EPYC, BENCHMARKS.md). With AMX the bf16 tower is 4.2x fp32 already and quantizing every
+    activation would cost more than the matmuls it speeds up; without bf16 the text tower would
+    fall back to fp32, slower than the ONNX fp32 that such CPUs run.
+    """
+    flags = set(cpu_info()["flags"])
+    return {"avx512_vnni", "avx512_bf16"} <= flags and "amx_bf16" not in flags
+
+
+def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 256 << 20) -> bool:
+    """Make glibc keep freed heap memory for reuse instead of handing it back to the OS after each
+    batch; for long-lived inference processes (the pipeline's model actors, benchmarks).
+
+    A forward allocates and frees tens of MB per layer. Under glibc's adaptive thresholds, once a
+    process has freed other large blocks (decoded images, another model), it trims its heap after
+    a layer and faults the same pages back in on the next: the int8 ViT-B/32 image tower measured
+    ~70,000 page faults per batch of 32 and ran 1.2-1.3x slower inside a model actor (BENCHMARKS.md).
+    Fixed thresholds stop that; the process then holds at most its own peak. Returns False (and
+    changes nothing) without glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
 
 
 def available_cpus() -> int:
@@ -175,11 +212,12 @@ def resolve_backend(backend: str, device: str = "auto", precision: str = "auto")
     fp32, BENCHMARKS.md) on this device, for the precision asked.
 
     - CUDA: ``torch`` (fp16 weights, SDPA kernels).
-    - A CPU with native bf16 (AVX512-BF16, AMX), precision auto or bf16: ``torch`` with bf16
-      weights, 2-3x fp32.
+    - A CPU with native bf16 (AVX512-BF16, AMX), precision auto, bf16 or int8: ``torch`` with bf16
+      weights, 2-4x fp32; with int8 images where :func:`cpu_prefers_int8_images` (2.7x fp32).
     - Any other CPU, or fp32 asked: ``onnx``, fp32 like torch and within ~2e-7 of it, 1.2x its
       image and 1.1-2.4x its caption throughput. Without onnxruntime/onnx installed, ``torch``.
-    - Never ``onnx-int8``: faster on VNNI/AMX, but its text cosine (0.9995) misses the bound.
+    - Never ``onnx-int8``: fast on VNNI/AMX, but its cosines (0.99986 images, 0.9992 texts) miss
+      the bound (per-tensor activation scales; the torch int8 image tower scales per row).
 
     Other names pass through.
     """
@@ -187,7 +225,7 @@ def resolve_backend(backend: str, device: str = "auto", precision: str = "auto")
         return backend
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return "torch"
-    if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()):
+    if precision in ("bf16", "int8") or (precision == "auto" and cpu_has_native_bf16()):
         return "torch"
     try:
         import onnx  # noqa: F401  (the export needs it)
@@ -214,7 +252,8 @@ def resolve_device(device: str, backend: str) -> str:
 def resolve_precision(precision: str, backend: str, device: str) -> str:
     """The precision a backend runs at; ``auto`` is the fastest one whose accuracy is measured to hold.
 
-    torch: fp16 on CUDA; on CPU bf16 where the CPU has native bf16, else fp32.
+    torch: fp16 on CUDA; on CPU int8 (int8 image matmuls, bf16 text tower) where
+    :func:`cpu_prefers_int8_images`, else bf16 where the CPU has native bf16, else fp32.
     torchscript and onnx: fp32. onnx-int8: int8.
     """
     if precision not in PRECISIONS:
@@ -222,11 +261,13 @@ def resolve_precision(precision: str, backend: str, device: str) -> str:
     cuda = device.startswith("cuda")
     if backend == "torch":
         if precision == "auto":
-            return "fp16" if cuda else ("bf16" if cpu_has_native_bf16() else "fp32")
+            if cuda:
+                return "fp16"
+            return "int8" if cpu_prefers_int8_images() else ("bf16" if cpu_has_native_bf16() else "fp32")
         if precision == "fp16" and not cuda:
-            raise EncoderError("precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
-        if precision == "int8":
-            raise EncoderError("precision='int8' is the 'onnx-int8' backend; the torch backend runs fp32/bf16/fp16")
+            raise EncoderError("precision='fp16' needs a CUDA device; on CPU use 'bf16', 'int8' or 'fp32'")
+        if precision == "int8" and cuda:
+            raise EncoderError("precision='int8' (int8 image matmuls) runs on CPUs; on CUDA use 'fp16' or 'fp32'")
         return precision
     native = "int8" if backend == "onnx-int8" else "fp32"
     if precision not in ("auto", native):
@@ -388,7 +429,9 @@ class Encoder:
 # Backends.
 # --------------------------------------------------------------------------------------------
 class TorchEncoder(Encoder):
-    """The model in eager torch under ``inference_mode``; bf16 and fp16 by weights converted once.
+    """The model in eager torch under ``inference_mode``; bf16 and fp16 by weights converted once;
+    int8 by the image tower's linear layers quantized once (:mod:`clip_core.int8`) with the text
+    tower in bf16 where the CPU has it natively (its int8 cosine, 0.99965, misses the bound).
 
     Converted weights, not autocast: autocast re-casts every weight on every call, which on a
     CPU with AMX cost more than the matmuls (ViT-B/32, 1 thread, Sapphire Rapids: 16.9 images/s
@@ -399,10 +442,14 @@ class TorchEncoder(Encoder):
 
     def __init__(self, model: CLIP, *, device: str, precision: str, **kw: Any):
         from .export import ImageTower, TextTower
+        from .int8 import quantize_image_tower
 
         model = model.eval().to(device)
-        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        if self._dtype != torch.float32:
+        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)  # pixels'
+        if precision == "int8":
+            model = quantize_image_tower(model.float())
+            model.text_to(torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+        elif self._dtype != torch.float32:
             model = model.to(self._dtype)
         self._image = ImageTower(model).eval()
         self._text = TextTower(model).eval()
@@ -617,7 +664,7 @@ def load_encoder(source: str | os.PathLike | CLIP, backend: str = "torch", preci
     if backend == "torch":
         if isinstance(source, CLIP):
             # dtype conversion and device moves happen in place: leave the caller's model as it was.
-            model = copy.deepcopy(source) if (precision in ("fp16", "bf16") or device != "cpu") else source
+            model = copy.deepcopy(source) if (precision in ("fp16", "bf16", "int8") or device != "cpu") else source
         else:
             model = load_model(source)
         source_fp = model_fingerprint(model)

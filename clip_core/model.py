@@ -37,6 +37,14 @@ def make_activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
+def attention(qkv: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head attention over already projected queries, keys and values (SDPA's kernel)."""
+    B, L, W = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)  # [3, B, H, L, W/H]
+    y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, L, W/H]
+    return y.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
+
+
 class MultiheadAttention(nn.Module):
     """Self-attention with nn.MultiheadAttention's parameter layout, computed by SDPA.
 
@@ -52,13 +60,8 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
-        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, L, W/H]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, W/H]
-        y = y.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
-        return self.out_proj(y)
+        return self.out_proj(attention(qkv, self.heads, causal))  # [B, L, W]
 
 
 class MLP(nn.Module):
@@ -195,7 +198,16 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The image tower's dtype; the text tower follows its own (:meth:`text_to`)."""
         return self.visual.conv1.weight.dtype
+
+    def text_to(self, dtype: torch.dtype) -> CLIP:
+        """Convert only the text tower's weights (the int8 image tower keeps float32 around its matmuls)."""
+        for module in (self.token_embedding, self.transformer, self.ln_final):
+            module.to(dtype)
+        for param in (self.positional_embedding, self.text_projection):
+            param.data = param.data.to(dtype)
+        return self
 
     @property
     def image_size(self) -> int:
@@ -217,8 +229,9 @@ class CLIP(nn.Module):
         The projection follows the activations' dtype, which the weights' dtype (or autocast) decides.
         """
         L = text.shape[1]
-        x = self.token_embedding(text).to(self.dtype)  # [B, L, W]
-        x = x + self.positional_embedding[:L].to(self.dtype)
+        dtype = self.token_embedding.weight.dtype
+        x = self.token_embedding(text)  # [B, L, W]
+        x = x + self.positional_embedding[:L].to(dtype)
         x = self.transformer(x, causal=True)  # [B, L, W]
         index = eot_positions(text, self.eot_token_id).to(torch.int64)  # [B]
         x = x.gather(1, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [B, W]

@@ -30,7 +30,7 @@ import yaml
 # A job name -> which stages it runs; see :func:`apply_job`.
 JOBS = ("run", "embed", "label", "caption", "index", "dedup")
 BACKENDS = ("auto", "torch", "torchscript", "onnx", "onnx-int8")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 INPUT_FORMATS = ("parquet", "webdataset")
 # A head's output activation, its activation between layers, and the embedding it reads.
 HEAD_ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -101,11 +101,13 @@ class ModelConfig:
     # open_clip, HF CLIPModel, our own .safetensors), or an exported model; s3:// is fetched once
     # per node. Must be readable from every node of the cluster.
     checkpoint: str = "demo"
-    # auto | torch | torchscript | onnx | onnx-int8; auto = torch on GPU actors, onnx (fp32,
-    # exported on first use into each node's cache) on CPU actors: the fastest exact backend of each.
+    # auto | torch | torchscript | onnx | onnx-int8; auto = torch on GPU actors and on CPUs with
+    # native bf16 (AVX512-BF16/AMX), else onnx (fp32, exported on first use into each node's cache):
+    # the fastest backend whose accuracy holds the bound (mean cosine >= 0.9999 to fp32).
     backend: str = "auto"
-    # auto | fp32 | fp16 | bf16; auto = fp16 on GPU; on CPU bf16 for the torch backend where the
-    # CPU has native bf16 (AVX512-BF16/AMX), else fp32; ONNX runs fp32 (onnx-int8: int8).
+    # auto | fp32 | fp16 | bf16 | int8; auto = fp16 on GPU; on CPU, for the torch backend, int8
+    # image matmuls (text tower bf16) on AVX512-VNNI + AVX512-BF16 CPUs without AMX, bf16 on other
+    # CPUs with native bf16 (AVX512-BF16/AMX), else fp32; ONNX runs fp32 (onnx-int8: int8).
     precision: str = "auto"
 
 

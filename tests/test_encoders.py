@@ -20,6 +20,7 @@ from clip_core.checkpoints import load_model
 from clip_core.encoders import (
     EncoderError,
     cpu_has_native_bf16,
+    cpu_prefers_int8_images,
     load_encoder,
     resolve_backend,
     resolve_num_threads,
@@ -193,14 +194,16 @@ def test_onnx_from_a_checkpoint_exports_once_into_the_cache(tiny_ckpt, monkeypat
 # ------------------------------------------------------------------------------------------- resolution
 def test_precision_resolution():
     assert resolve_precision("auto", "torch", "cuda") == "fp16"
-    assert resolve_precision("auto", "torch", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", "torch", "cpu") == (
+        "int8" if cpu_prefers_int8_images() else "bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("int8", "torch", "cpu") == "int8"
     assert resolve_precision("auto", "onnx", "cpu") == "fp32"
     assert resolve_precision("auto", "onnx-int8", "cpu") == "int8"
     assert resolve_precision("auto", "torchscript", "cpu") == "fp32"
     with pytest.raises(EncoderError, match="needs a CUDA device"):
         resolve_precision("fp16", "torch", "cpu")
-    with pytest.raises(EncoderError, match="onnx-int8"):
-        resolve_precision("int8", "torch", "cpu")
+    with pytest.raises(EncoderError, match="runs on CPUs"):
+        resolve_precision("int8", "torch", "cuda")
     with pytest.raises(EncoderError, match="runs at fp32 only"):
         resolve_precision("bf16", "onnx", "cpu")
     with pytest.raises(EncoderError, match="precision must be one of"):
@@ -214,6 +217,7 @@ def test_auto_backend_is_torch_on_cuda_and_bf16_cpus_and_exact_onnx_elsewhere(ti
     monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: True)
     assert resolve_backend("auto", "cpu") == "torch" and resolve_backend("auto", "cpu", "bf16") == "torch"
     assert resolve_backend("auto", "cpu", "fp32") == "onnx"  # fp32 asked: the faster exact backend
+    assert resolve_backend("auto", "cpu", "int8") == "torch"
     monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU
     assert resolve_backend("auto", "cpu") == "onnx"
     enc = load_encoder(tiny_model, "auto", device="cpu")
@@ -340,16 +344,16 @@ def _compare(case, enc) -> dict[str, float]:
     return figures
 
 
-@pytest.mark.parametrize("backend,precision", [("torch", "bf16"), ("onnx-int8", "auto")])
+@pytest.mark.parametrize("backend,precision", [("torch", "bf16"), ("torch", "int8"), ("onnx-int8", "auto")])
 def test_fast_paths_keep_accuracy(accuracy_case, backend, precision):
     figures = _compare(accuracy_case, load_encoder(accuracy_case["model"], backend, precision))
     assert figures["cos_img"] >= 0.99 and figures["cos_txt"] >= 0.99
-    if backend == "torch":  # precision=auto picks bf16 on CPUs that have it, on this bound
+    if backend == "torch":  # precision=auto picks bf16 or int8 images per CPU, on this bound
         assert min(figures["cos_img"], figures["cos_txt"]) >= 0.9999, figures
     if accuracy_case["which"] != "demo":
         pytest.skip("zero-shot agreement needs a trained model (random weights give near-tied logits); "
                     f"mean cosine held: {figures}")
-    # On the bundled demo model (54 classes): measured 0.995 for int8 and for bf16 (BENCHMARKS.md).
+    # On the bundled demo model (54 classes): measured 0.995 for onnx-int8 and for bf16 (BENCHMARKS.md).
     assert figures["top1_agreement"] >= 0.95
 
 
@@ -374,3 +378,43 @@ def test_benchmark_quick_smoke():
     assert any(l.startswith("ratio images best:") for l in lines), proc.stdout
     assert any(l.startswith("ratio texts best:") for l in lines), proc.stdout
     assert any("baseline transformers fp32" in l for l in lines)
+
+
+def test_auto_precision_per_cpu_flags(monkeypatch):
+    """int8 images only with AVX512-VNNI and AVX512-BF16 and no AMX (where it was measured fastest
+    at the bound); bf16 on AMX; fp32 (ONNX) on AVX2-only CPUs."""
+    import clip_core.encoders as encoders
+
+    def cpu(*flags):
+        monkeypatch.setattr(encoders, "cpu_info", lambda: {"model": "x", "cpus": 2, "flags": list(flags)})
+        return resolve_precision("auto", "torch", "cpu"), resolve_backend("auto", "cpu")
+
+    assert cpu("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni") == ("int8", "torch")  # Zen 4/5
+    assert cpu("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8") \
+        == ("bf16", "torch")  # Sapphire Rapids
+    assert cpu("avx2", "fma") == ("fp32", "onnx")  # Zen 3
+    assert cpu("avx2", "avx512f", "avx512_vnni")[0] == "fp32"  # VNNI without bf16: the exact ONNX path
+
+
+def test_retain_freed_memory_stops_refaulting_freed_blocks():
+    """Blocks above glibc's largest adaptive threshold (32 MB) are mapped and unmapped on every
+    allocation: each reuse faults every page back in. With the fixed thresholds the heap keeps them."""
+    probe = (
+        "import resource, sys, torch\n"
+        "from clip_core.encoders import retain_freed_memory\n"
+        "if sys.argv[1] == 'retain':\n"
+        "    assert retain_freed_memory()\n"
+        "def faults():\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for i in range(6):\n"
+        "    if i == 1:\n"
+        "        start = faults()\n"
+        "    a = torch.ones(12 << 20); b = torch.ones(12 << 20)  # 48 MB each\n"
+        "    del a, b\n"
+        "print((faults() - start) // 5)\n"
+    )
+    per_round = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
+                                          check=True).stdout) for mode in ("default", "retain")}
+    pages = 2 * (48 << 20) // 4096
+    # measured: every page (default) against 10-20% of them (retained)
+    assert per_round["default"] > 0.9 * pages and per_round["retain"] < 0.3 * pages, per_round

@@ -42,7 +42,7 @@ class ModelSpec:
 
     checkpoint: str  # "demo", a local path, or an s3:// URI (fetched once per node)
     backend: str = "auto"  # auto | torch | torchscript | onnx | onnx-int8 (auto resolves per actor device)
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 | int8
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None  # CPU threads for the model
     s3: pio.S3Options | None = None  # for s3:// checkpoints
@@ -285,8 +285,10 @@ class EmbedActor:
     itself (CPU actors, see :func:`pipelines.ray_runtime.stage_cpus`)."""
 
     def __init__(self, model: ModelSpec, stages: StageSpec, decode: Any = None):
+        from clip_core.encoders import retain_freed_memory
         from pipelines.etl.decode import DecodeFn
 
+        retain_freed_memory()  # this process lives for the run: no heap trimming between layers
         self.encoder = load_job_encoder(model)
         self.stages = stages
         self.decode = DecodeFn(decode) if decode is not None else None
