@@ -41,6 +41,7 @@ from clip_core.checkpoints import config_to_hf, openai_to_hf  # noqa: E402
 from clip_core.encoders import (  # noqa: E402
     Encoder, cpu_has_native_bf16, load_encoder, resolve_num_threads, retain_freed_memory,
 )
+from clip_core.int8 import int8_matmul_is_exact  # noqa: E402
 from clip_core.export import export_model  # noqa: E402
 
 WORDS = (
@@ -159,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     encoders: dict[str, Encoder] = {
         "torch fp32": load_encoder(model, "torch", "fp32", num_threads=threads),
         "torch bf16": load_encoder(model, "torch", "bf16", num_threads=threads),
-        "torch int8": load_encoder(model, "torch", "int8", num_threads=threads),  # int8 images, bf16/fp32 texts
     }
+    if int8_matmul_is_exact():  # int8 images, bf16 (or fp32) texts
+        encoders["torch int8"] = load_encoder(model, "torch", "int8", num_threads=threads)
+    else:
+        print("torch int8: not run, this CPU's int8 matmul is not exact (no AVX512-VNNI/AMX-INT8)", flush=True)
     for fmt in ("torchscript", "onnx", "onnx-int8"):
         start = time.perf_counter()
         out = export_model(model, Path(work.name) / fmt, fmt, source_name=preset)

@@ -116,15 +116,18 @@ def cpu_has_native_bf16() -> bool:
 
 def cpu_prefers_int8_images() -> bool:
     """True where ``precision="auto"`` runs the image tower in int8 (:mod:`clip_core.int8`): a CPU
-    with int8 and bf16 dot products (AVX512-VNNI, AVX512-BF16) but no AMX.
+    with int8 and bf16 dot products (AVX512-VNNI, AVX512-BF16) but no AMX, whose int8 matmul
+    passes :func:`clip_core.int8.int8_matmul_is_exact`.
 
     There int8 images measured 1.4x the bf16 tower at a mean cosine of 0.99993 to fp32 (AVX512-BF16
     EPYC, BENCHMARKS.md). With AMX the bf16 tower is 4.2x fp32 already and quantizing every
     activation would cost more than the matmuls it speeds up; without bf16 the text tower would
     fall back to fp32, slower than the ONNX fp32 that such CPUs run.
     """
+    from . import int8
+
     flags = set(cpu_info()["flags"])
-    return {"avx512_vnni", "avx512_bf16"} <= flags and "amx_bf16" not in flags
+    return {"avx512_vnni", "avx512_bf16"} <= flags and "amx_bf16" not in flags and int8.int8_matmul_is_exact()
 
 
 def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 256 << 20) -> bool:
@@ -268,6 +271,13 @@ def resolve_precision(precision: str, backend: str, device: str) -> str:
             raise EncoderError("precision='fp16' needs a CUDA device; on CPU use 'bf16', 'int8' or 'fp32'")
         if precision == "int8" and cuda:
             raise EncoderError("precision='int8' (int8 image matmuls) runs on CPUs; on CUDA use 'fp16' or 'fp32'")
+        if precision == "int8":
+            from . import int8
+
+            try:
+                int8.require_exact_int8()
+            except int8.Int8Unsupported as e:
+                raise EncoderError(str(e)) from None
         return precision
     native = "int8" if backend == "onnx-int8" else "fp32"
     if precision not in ("auto", native):

@@ -15,12 +15,44 @@ bf16 tower on an AVX512-BF16 CPU without AMX; the text tower in int8 missed the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .model import CLIP, MultiheadAttention, attention
 
 INT8_MAX = 127
+
+
+class Int8Unsupported(RuntimeError):
+    """This CPU's int8 matmul is not exact, so the int8 tower would give wrong numbers."""
+
+
+@functools.lru_cache(maxsize=None)
+def int8_matmul_is_exact() -> bool:
+    """Whether ``torch._int_mm`` gives the exact int32 product here, on a probe built to overflow.
+
+    Without int8 dot-product instructions (AVX512-VNNI, AMX-INT8) oneDNN multiplies int8 pairs
+    into saturating int16 sums (``vpmaddubsw``): measured on AVX2 and on AVX-512 without VNNI, a
+    product of full-range int8 matrices came out 19% off. Asking the kernel itself, once per
+    process, also covers CPUs and oneDNN builds no flag list knows.
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-INT8_MAX, INT8_MAX + 1, (32, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-INT8_MAX, INT8_MAX + 1, (256, 32), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = INT8_MAX, INT8_MAX  # every pair at the top of the range: saturates any int16 sum
+    try:
+        return torch.equal(torch._int_mm(a, b), a.int() @ b.int())
+    except RuntimeError:
+        return False
+
+
+def require_exact_int8() -> None:
+    if not int8_matmul_is_exact():
+        raise Int8Unsupported("this CPU's int8 matmul is not exact (no AVX512-VNNI or AMX-INT8: oneDNN sums "
+                              "int8 pairs in saturating int16), so precision='int8' would give wrong "
+                              "embeddings; use 'bf16' (CPUs with native bf16), 'fp32', or backend 'onnx-int8'")
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +67,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        require_exact_int8()
         q, scale = quantize_rows(weight.detach())  # [N, K] int8, [N, 1]: one scale per output channel
         self.register_buffer("weight_t", q.t().contiguous())  # [K, N] int8, the layout _int_mm takes
         self.register_buffer("weight_scale", scale.view(1, -1))  # [1, N]
@@ -75,4 +108,5 @@ def quantize_image_tower(model: CLIP) -> CLIP:
     return model
 
 
-__all__ = ["Int8Linear", "Int8MultiheadAttention", "quantize_image_tower", "quantize_rows"]
+__all__ = ["Int8Linear", "Int8MultiheadAttention", "Int8Unsupported", "int8_matmul_is_exact", "quantize_image_tower",
+           "quantize_rows", "require_exact_int8"]

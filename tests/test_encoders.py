@@ -26,6 +26,7 @@ from clip_core.encoders import (
     resolve_num_threads,
     resolve_precision,
 )
+from clip_core.int8 import int8_matmul_is_exact
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = Path(clip_core.__file__).parent / "assets" / "demo-model.safetensors"
@@ -196,7 +197,11 @@ def test_precision_resolution():
     assert resolve_precision("auto", "torch", "cuda") == "fp16"
     assert resolve_precision("auto", "torch", "cpu") == (
         "int8" if cpu_prefers_int8_images() else "bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision("int8", "torch", "cpu") == "int8"
+    if int8_matmul_is_exact():
+        assert resolve_precision("int8", "torch", "cpu") == "int8"
+    else:  # no VNNI/AMX: the int8 matmul saturates, int8 is refused
+        with pytest.raises(EncoderError, match="not exact"):
+            resolve_precision("int8", "torch", "cpu")
     assert resolve_precision("auto", "onnx", "cpu") == "fp32"
     assert resolve_precision("auto", "onnx-int8", "cpu") == "int8"
     assert resolve_precision("auto", "torchscript", "cpu") == "fp32"
@@ -344,7 +349,12 @@ def _compare(case, enc) -> dict[str, float]:
     return figures
 
 
-@pytest.mark.parametrize("backend,precision", [("torch", "bf16"), ("torch", "int8"), ("onnx-int8", "auto")])
+@pytest.mark.parametrize("backend,precision", [
+    ("torch", "bf16"),
+    pytest.param("torch", "int8", marks=pytest.mark.skipif(
+        not int8_matmul_is_exact(), reason="no exact int8 matmul here (no VNNI/AMX): refused, see test_int8.py")),
+    ("onnx-int8", "auto"),
+])
 def test_fast_paths_keep_accuracy(accuracy_case, backend, precision):
     figures = _compare(accuracy_case, load_encoder(accuracy_case["model"], backend, precision))
     assert figures["cos_img"] >= 0.99 and figures["cos_txt"] >= 0.99
@@ -385,11 +395,15 @@ def test_auto_precision_per_cpu_flags(monkeypatch):
     at the bound); bf16 on AMX; fp32 (ONNX) on AVX2-only CPUs."""
     import clip_core.encoders as encoders
 
-    def cpu(*flags):
+    import clip_core.int8 as int8
+
+    def cpu(*flags, exact_int8=True):
         monkeypatch.setattr(encoders, "cpu_info", lambda: {"model": "x", "cpus": 2, "flags": list(flags)})
+        monkeypatch.setattr(int8, "int8_matmul_is_exact", lambda: exact_int8)
         return resolve_precision("auto", "torch", "cpu"), resolve_backend("auto", "cpu")
 
     assert cpu("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni") == ("int8", "torch")  # Zen 4/5
+    assert cpu("avx2", "avx512f", "avx512_bf16", "avx512_vnni", exact_int8=False) == ("bf16", "torch")
     assert cpu("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8") \
         == ("bf16", "torch")  # Sapphire Rapids
     assert cpu("avx2", "fma") == ("fp32", "onnx")  # Zen 3

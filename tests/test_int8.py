@@ -7,9 +7,47 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import os
+import subprocess
+import sys
+
 from clip_core import create_model
 from clip_core.encoders import load_encoder
-from clip_core.int8 import Int8Linear, quantize_image_tower, quantize_rows
+from clip_core.int8 import Int8Linear, int8_matmul_is_exact, quantize_image_tower, quantize_rows
+
+# The int8 tower runs only where the int8 matmul is exact (AVX512-VNNI, AMX-INT8); elsewhere it is
+# refused, which test_int8_refused_where_the_int8_matmul_saturates checks on every CPU.
+needs_exact_int8 = pytest.mark.skipif(not int8_matmul_is_exact(),
+                                      reason="no exact int8 matmul on this CPU (no VNNI/AMX): int8 is refused here")
+
+
+def test_the_probe_agrees_with_a_full_range_product():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-127, 128, (300, 768), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (768, 200), dtype=torch.int8, generator=g)
+    assert int8_matmul_is_exact() == torch.equal(torch._int_mm(a, b), a.int() @ b.int())
+
+
+def test_int8_refused_where_the_int8_matmul_saturates():
+    """oneDNN limited to AVX2 (as on a CPU without VNNI) sums int8 pairs in saturating int16: the
+    probe sees it and int8 is refused with a clear error; auto falls back to bf16/fp32."""
+    probe = (
+        "from clip_core.encoders import EncoderError, cpu_prefers_int8_images, resolve_precision\n"
+        "from clip_core.int8 import int8_matmul_is_exact\n"
+        "try:\n"
+        "    resolve_precision('int8', 'torch', 'cpu')\n"
+        "    refused = ''\n"
+        "except EncoderError as e:\n"
+        "    refused = str(e)\n"
+        "print(int8_matmul_is_exact(), cpu_prefers_int8_images(), resolve_precision('auto', 'torch', 'cpu'))\n"
+        "print(refused)\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    flags, refused = out.splitlines()
+    exact, prefers, auto = flags.split()
+    assert (exact, prefers) == ("False", "False") and auto in ("bf16", "fp32"), out
+    assert "not exact" in refused and "'bf16'" in refused, out
 
 
 def test_rows_quantize_on_their_own_scale():
@@ -21,6 +59,7 @@ def test_rows_quantize_on_their_own_scale():
     assert (q.float() * scale)[0].sub(x[0]).abs().max() <= 1.0 / 127 / 2 + 1e-7
 
 
+@needs_exact_int8
 def test_int8_linear_is_close_to_fp32_and_batch_independent():
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 64, generator=g) * 0.1, torch.randn(96, generator=g)
@@ -36,6 +75,7 @@ def test_int8_linear_is_close_to_fp32_and_batch_independent():
     assert Int8Linear(weight, None)(x).sub(got - bias).abs().max() < 1e-4
 
 
+@needs_exact_int8
 def test_quantized_image_tower_keeps_the_bound_and_leaves_text_alone():
     torch.manual_seed(0)
     model = create_model("tiny-test").eval()
@@ -56,6 +96,7 @@ def test_quantized_image_tower_keeps_the_bound_and_leaves_text_alone():
         quantize_image_tower(create_model("tiny-test").to(torch.bfloat16))
 
 
+@needs_exact_int8
 def test_torch_int8_encoder():
     """precision=int8 on the torch backend: int8 images near fp32, texts as the bf16/fp32 tower."""
     torch.manual_seed(0)
