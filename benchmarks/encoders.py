@@ -41,8 +41,8 @@ from clip_core.checkpoints import config_to_hf, openai_to_hf  # noqa: E402
 from clip_core.encoders import (  # noqa: E402
     Encoder, cpu_has_native_bf16, load_encoder, resolve_num_threads, retain_freed_memory,
 )
-from clip_core.int8 import int8_matmul_is_exact  # noqa: E402
 from clip_core.export import export_model  # noqa: E402
+from clip_core.int8 import int8_matmul_is_exact  # noqa: E402
 
 WORDS = (
     "a the photo picture of on in with near under above small large red blue green yellow old new "

@@ -394,7 +394,6 @@ def test_auto_precision_per_cpu_flags(monkeypatch):
     """int8 images only with AVX512-VNNI and AVX512-BF16 and no AMX (where it was measured fastest
     at the bound); bf16 on AMX; fp32 (ONNX) on AVX2-only CPUs."""
     import clip_core.encoders as encoders
-
     import clip_core.int8 as int8
 
     def cpu(*flags, exact_int8=True):
