@@ -216,7 +216,7 @@ def resolve_backend(backend: str, device: str = "auto", precision: str = "auto")
 
     - CUDA: ``torch`` (fp16 weights, SDPA kernels).
     - A CPU with native bf16 (AVX512-BF16, AMX), precision auto, bf16 or int8: ``torch`` with bf16
-      weights, 2-4x fp32; with int8 images where :func:`cpu_prefers_int8_images` (2.7x fp32).
+      weights, 2-4x fp32; with int8 images where :func:`cpu_prefers_int8_images` (2.6x fp32).
     - Any other CPU, or fp32 asked: ``onnx``, fp32 like torch and within ~2e-7 of it, 1.2x its
       image and 1.1-2.4x its caption throughput. Without onnxruntime/onnx installed, ``torch``.
     - Never ``onnx-int8``: fast on VNNI/AMX, but its cosines (0.99986 images, 0.9992 texts) miss
